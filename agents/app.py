@@ -1,0 +1,326 @@
+"""The Faust application: topics, the payment-state table, agents and web views.
+
+Two agents keep the money path to two Kafka hops:
+
+* ``process_commands`` (payments.commands -> payments.events): intake, idempotency, state
+  checks and the PSP call, in batches from ``stream.take_events``. Payments of a batch run
+  concurrently; the commands of one payment run in order.
+* ``apply_events`` (payments.events -> PostgreSQL): ledger postings and the status read
+  model, one database transaction per batch.
+
+Faust acks a batch when the agent asks for the next one, even if the body raised, so both
+bodies catch per-record errors (to the DLQ) and treat infrastructure errors (broker or
+database unreachable after retries) by stopping the process without acking: the batch is
+then redelivered to the next worker (at-least-once; effects are idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import faust
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agents import metrics
+from agents.events import rejection
+from agents.executor import Executor
+from agents.intake import Accepted, DeadLetter, Rejected, parse_command
+from agents.output import EventPublisher
+from agents.processor import CommandProcessor
+from agents.state import PaymentState
+from config.settings import Settings
+from psp.sandbox_adapter import SandboxAdapter
+from schemas.dlq import DlqEnvelope, scrub_payload
+from schemas.events import PaymentEvent
+from sinks import ledger, status
+from sinks.migrations import migrate
+from topics import catalog as cat
+
+log = logging.getLogger("paystream.agents")
+
+INFRA_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def fail_stop(reason: str) -> None:
+    """Stop the worker at once without acking the current batch (it will be redelivered)."""
+    log.critical("fail-stop: %s; exiting without acknowledging the batch", reason)
+    logging.shutdown()
+    os._exit(70)
+
+
+async def with_infra_retries(what: str, action: Callable[[], Awaitable[None]]) -> None:
+    """Run ``action``; retry on errors with backoff; fail-stop when they persist."""
+    for delay in (*INFRA_RETRY_DELAYS, None):
+        try:
+            await action()
+            return
+        except Exception as exc:  # noqa: BLE001 - any infrastructure error is retried
+            if delay is None:
+                fail_stop(f"{what} failed after retries: {type(exc).__name__}: {exc}")
+            log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(exc).__name__, exc,
+                        delay)
+            await asyncio.sleep(delay or 0)
+
+
+def dead_letter_headers(
+    event: Any, stage: str, reason: str, error_type: str, message: str, group: str
+) -> list[tuple[str, bytes]]:
+    now = datetime.now(UTC)
+    msg = event.message
+    timestamp = (
+        datetime.fromtimestamp(msg.timestamp, UTC) if getattr(msg, "timestamp", None) else None
+    )
+    envelope = DlqEnvelope(
+        stage=stage,
+        reason=reason,
+        error_type=error_type,
+        error_message=message,
+        original_topic=msg.topic,
+        original_partition=msg.partition,
+        original_offset=msg.offset,
+        original_timestamp=timestamp,
+        consumer_group=group,
+        first_failure_at=now,
+        last_failure_at=now,
+    )
+    return envelope.to_headers()
+
+
+class Resources:
+    """Connections an agent needs, created when the worker starts."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pool: asyncpg.Pool | None = None
+        self.adapter: SandboxAdapter | None = None
+
+    async def db(self) -> asyncpg.Pool:
+        if self.pool is None:
+            self.pool = await asyncpg.create_pool(self.settings.pg_dsn, min_size=1, max_size=8)
+            async with self.pool.acquire() as conn:
+                await migrate(conn)
+        return self.pool
+
+    def psp(self) -> SandboxAdapter:
+        if self.adapter is None:
+            s = self.settings
+            self.adapter = SandboxAdapter(
+                name="alpha",
+                base_url=s.psp_alpha_url,
+                api_key=s.psp_alpha_api_key.get_secret_value(),
+                timeout=s.psp_timeout_seconds,
+            )
+        return self.adapter
+
+
+def create_app(settings: Settings) -> faust.App:
+    settings.require_real()
+    app = faust.App(
+        settings.app_id,
+        broker=[f"kafka://{server}" for server in settings.kafka_bootstrap_servers.split(",")],
+        store="memory://",
+        autodiscover=False,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        broker_session_timeout=settings.broker_session_timeout,
+        broker_rebalance_timeout=settings.broker_rebalance_timeout,
+        broker_heartbeat_interval=settings.broker_heartbeat_interval,
+        producer_acks=-1,
+        consumer_auto_offset_reset="earliest",
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        web_in_thread=False,
+        stream_wait_empty=False,
+    )
+    group = settings.app_id
+    resources = Resources(settings)
+
+    def raw_topic(name: str) -> Any:
+        return app.topic(
+            name,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=settings.partitions,
+        )
+
+    commands_topic = raw_topic(cat.COMMANDS)
+    events_topic = raw_topic(cat.EVENTS)
+    state_table = app.Table(
+        cat.PAYMENT_STATE_TABLE,
+        default=None,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=settings.partitions,
+        changelog_topic=raw_topic(cat.changelog_topic(settings.app_id, cat.PAYMENT_STATE_TABLE)),
+    )
+
+    # ---------------------------------------------------------------- command processing
+    @app.agent(commands_topic, name="process_commands")
+    async def process_commands(stream: Any) -> AsyncIterator[None]:
+        publisher = EventPublisher(settings)
+        processor = CommandProcessor(
+            Executor(resources.psp(), "alpha", settings.fee_bps, settings.fee_fixed_minor)
+        )
+        async for batch in stream.take_events(settings.batch_max, within=settings.batch_within):
+            metrics.BATCH_SIZE.labels("process_commands").observe(len(batch))
+            await process_command_batch(batch, publisher, processor)
+            await with_infra_retries("publishing events", publisher.flush)
+        yield None  # pragma: no cover - makes this an async generator for Faust's typing
+
+    async def process_command_batch(
+        batch: Sequence[Any], publisher: EventPublisher, processor: CommandProcessor
+    ) -> None:
+        per_payment: dict[bytes, list[tuple[Any, Accepted]]] = {}
+        for event in batch:
+            try:
+                verdict = parse_command(event.value)
+                if isinstance(verdict, DeadLetter):
+                    metrics.COMMANDS.labels("unknown", "dlq").inc()
+                    metrics.DLQ_RECORDS.labels("intake", verdict.reason).inc()
+                    publisher.publish(
+                        cat.COMMANDS_DLQ,
+                        event.key,
+                        scrub_payload(event.value) if event.value is not None else None,
+                        dead_letter_headers(
+                            event, "intake", verdict.reason, verdict.error_type,
+                            verdict.message, group,
+                        ),
+                    )
+                elif isinstance(verdict, Rejected):
+                    reply = rejection(None, verdict.envelope, verdict.reason)
+                    metrics.COMMANDS.labels(verdict.envelope.type, reply.type).inc()
+                    publish_event(publisher, reply)
+                else:
+                    key = verdict.command.payment_id.encode()
+                    per_payment.setdefault(key, []).append((event, verdict))
+            except Exception as exc:  # noqa: BLE001 - never let one record ack silently
+                dead_letter_unexpected(publisher, event, "intake", exc)
+
+        async def run_payment(key: bytes, items: list[tuple[Any, Accepted]]) -> None:
+            raw_state = state_table.data.get(key)
+            state = PaymentState.model_validate_json(raw_state) if raw_state else None
+            for event, accepted in items:
+                try:
+                    working = state.model_copy(deep=True) if state is not None else None
+                    new_state, outputs = await processor.handle(working, accepted)
+                    for output in outputs:
+                        metrics.COMMANDS.labels(accepted.command.type, output.type).inc()
+                        publish_event(publisher, output)
+                    if new_state is not None and new_state != state:
+                        value = new_state.model_dump_json().encode()
+                        state_table.data[key] = value
+                        state_table.send_changelog(event.message.partition, key, value)
+                        state = new_state
+                except Exception as exc:  # noqa: BLE001 - one payment must not stop others
+                    dead_letter_unexpected(publisher, event, "executor", exc)
+
+        await asyncio.gather(*(run_payment(k, v) for k, v in per_payment.items()))
+
+    def publish_event(publisher: EventPublisher, event: PaymentEvent) -> None:
+        publisher.publish(cat.EVENTS, event.payment_id.encode(), event.model_dump_json().encode())
+
+    def dead_letter_unexpected(
+        publisher: EventPublisher, event: Any, stage: str, exc: Exception
+    ) -> None:
+        log.exception("unexpected error in %s at %s[%s]@%s", stage, event.message.topic,
+                      event.message.partition, event.message.offset)
+        metrics.DLQ_RECORDS.labels(stage, "unexpected_error").inc()
+        dlq = cat.COMMANDS_DLQ if event.message.topic == cat.COMMANDS else cat.EVENTS_DLQ
+        publisher.publish(
+            dlq,
+            event.key,
+            scrub_payload(event.value) if event.value is not None else None,
+            dead_letter_headers(event, stage, "unexpected_error", type(exc).__name__,
+                                str(exc)[:1000], group),
+        )
+
+    # ---------------------------------------------------------------- sinks
+    @app.agent(events_topic, name="apply_events")
+    async def apply_events(stream: Any) -> AsyncIterator[None]:
+        publisher = EventPublisher(settings)
+        pool = await resources.db()
+        async for batch in stream.take_events(settings.batch_max, within=settings.batch_within):
+            metrics.BATCH_SIZE.labels("apply_events").observe(len(batch))
+            parsed: list[PaymentEvent] = []
+            for event in batch:
+                try:
+                    parsed.append(PaymentEvent.model_validate_json(event.value))
+                except Exception as exc:  # noqa: BLE001 - unparseable event -> DLQ
+                    dead_letter_unexpected(publisher, event, "sink", exc)
+
+            async def write(events: list[PaymentEvent] = parsed) -> None:
+                postings = [
+                    ledger.CapturePosting(
+                        event_id=e.event_id,
+                        payment_id=e.payment_id,
+                        merchant_id=e.merchant_id,
+                        amount=e.amount_captured_now,
+                        fee=e.fee,
+                        currency=e.currency or "",
+                        occurred_at=e.occurred_at,
+                    )
+                    for e in events
+                    if e.type == "payment.captured" and not e.replayed
+                ]
+                async with pool.acquire() as conn, conn.transaction():
+                    posted = await ledger.post_captures(conn, postings)
+                    await status.apply_events(conn, events)
+                metrics.LEDGER_POSTINGS.labels("capture").inc(posted)
+
+            await with_infra_retries("writing the ledger and status", write)
+            await with_infra_retries("publishing dead letters", publisher.flush)
+            now = datetime.now(UTC)
+            for e in parsed:
+                metrics.EVENTS_APPLIED.labels(e.type).inc()
+                if e.command_created_at is not None and not e.replayed:
+                    metrics.END_TO_END_LATENCY.observe(
+                        max(0.0, (now - e.command_created_at).total_seconds())
+                    )
+        yield None  # pragma: no cover
+
+    # ---------------------------------------------------------------- web
+    @app.page("/v1/payments/{payment_id}")
+    class PaymentStatusView(faust.web.View):  # type: ignore[misc]
+        async def get(self, request: Any, payment_id: str) -> Any:
+            pool = await resources.db()
+            async with pool.acquire() as conn:
+                found = await status.get_status(conn, payment_id)
+            if found is None:
+                return self.json({"error": "not_found", "payment_id": payment_id}, status=404)
+            return self.json(found)
+
+    @app.page("/metrics")
+    class MetricsView(faust.web.View):  # type: ignore[misc]
+        async def get(self, request: Any) -> Any:
+            return self.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+
+    @app.page("/healthz")
+    class HealthView(faust.web.View):  # type: ignore[misc]
+        async def get(self, request: Any) -> Any:
+            return self.json({"status": "ok"})
+
+    @app.page("/readyz")
+    class ReadyView(faust.web.View):  # type: ignore[misc]
+        async def get(self, request: Any) -> Any:
+            try:
+                pool = await resources.db()
+                async with pool.acquire() as conn:
+                    await conn.fetchval("SELECT 1")
+            except Exception as exc:  # noqa: BLE001 - readiness reports any failure
+                return self.json({"status": "not_ready", "error": str(exc)}, status=503)
+            if not app.rebalancing and app.consumer is not None:
+                return self.json({"status": "ready"})
+            return self.json({"status": "not_ready", "error": "rebalancing"}, status=503)
+
+    return app

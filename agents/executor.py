@@ -1,0 +1,155 @@
+"""Executor: call the PSP for one command and turn its answer into payment events.
+
+Every PSP call carries a deterministic attempt id as the PSP's idempotency key, so
+re-running a command after a crash or redelivery replays the PSP's first answer instead
+of charging again. A timeout or lost response is UNKNOWN, never a failure: the payment
+goes to ``pending_verification`` until the PSP's status resolves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from agents.events import build_event, rejection
+from agents.state import PaymentState, TransitionError, check_capture
+from psp.protocol import AuthorizeRequest, CaptureRequest, PspAdapter, PspResult
+from schemas.commands import AuthorizePayment, CapturePayment, CommandEnvelope
+from schemas.events import EventType, PaymentEvent, PaymentStatus
+from schemas.money import fee_for
+
+RETRY_DELAYS_SECONDS = (0.05, 0.2)
+"""Inline retries of a retryable PSP answer (same attempt id, so safe)."""
+
+
+def attempt_id(payment_id: str, operation: str, number: int) -> str:
+    """Our id for one PSP call; also the PSP idempotency key."""
+    return f"att_{payment_id}_{operation}_{number}"
+
+
+class Executor:
+    """Runs commands against the PSP and builds the resulting events."""
+
+    def __init__(self, adapter: PspAdapter, psp_name: str, fee_bps: int, fee_fixed: int) -> None:
+        self._adapter = adapter
+        self._psp = psp_name
+        self._fee_bps = fee_bps
+        self._fee_fixed = fee_fixed
+
+    # -- event construction ------------------------------------------------------------
+    @staticmethod
+    def event(
+        state: PaymentState,
+        envelope: CommandEnvelope,
+        event_type: EventType,
+        status: PaymentStatus,
+        **extra: object,
+    ) -> PaymentEvent:
+        """The next event of ``state``: bumps its sequence and sets its status."""
+        state.sequence += 1
+        state.status = status
+        return build_event(state, envelope, event_type, status, **extra)
+
+    async def _call_with_retries(self, call: object) -> PspResult:
+        assert callable(call)
+        result: PspResult = await call()
+        for delay in RETRY_DELAYS_SECONDS:
+            if result.outcome != "retryable_error":
+                break
+            await asyncio.sleep(result.retry_after or delay)
+            result = await call()
+        return result
+
+    # -- commands ------------------------------------------------------------------------
+    async def authorize(self, state: PaymentState, command: AuthorizePayment) -> PaymentEvent:
+        state.amount = command.amount
+        state.currency = command.currency
+        state.capture_method = command.capture_method
+        state.psp = self._psp
+        state.attempts += 1
+        request = AuthorizeRequest(
+            attempt_id=attempt_id(command.payment_id, "authorize", state.attempts),
+            payment_id=command.payment_id,
+            merchant_id=command.merchant_id,
+            amount=command.amount,
+            currency=command.currency,
+            payment_method=command.payment_method,
+            capture_method=command.capture_method,
+        )
+        result = await self._call_with_retries(lambda: self._adapter.authorize(request))
+        if result.psp_reference:
+            state.psp_reference = result.psp_reference
+        match result.outcome:
+            case "succeeded" if command.capture_method == "automatic":
+                state.amount_captured = command.amount
+                fee = fee_for(command.amount, self._fee_bps, self._fee_fixed)
+                return self.event(
+                    state, command, "payment.captured", "captured",
+                    fee=fee, amount_captured_now=command.amount,
+                )
+            case "succeeded":
+                return self.event(state, command, "payment.authorized", "authorized")
+            case "requires_action":
+                return self.event(state, command, "payment.requires_action", "requires_action")
+            case "declined":
+                return self.event(
+                    state,
+                    command,
+                    "payment.declined",
+                    "declined",
+                    decline_code=result.decline_code,
+                    reason=result.message,
+                )
+            case "unknown":
+                return self.event(
+                    state,
+                    command,
+                    "payment.pending_verification",
+                    "pending_verification",
+                    reason="PSP outcome unknown (timeout or lost response); verifying",
+                )
+            case _:  # not_sent, or still retryable after the inline retries
+                return self.event(
+                    state,
+                    command,
+                    "payment.failed",
+                    "failed",
+                    decline_code=result.decline_code,
+                    reason=f"psp_{result.outcome}: {result.message or 'no detail'}",
+                )
+
+    async def capture(self, state: PaymentState, command: CapturePayment) -> PaymentEvent:
+        try:
+            amount = check_capture(state, command.amount)
+        except TransitionError as exc:
+            return rejection(state, command, str(exc))
+        assert state.psp_reference is not None
+        state.attempts += 1
+        request = CaptureRequest(
+            attempt_id=attempt_id(command.payment_id, "capture", state.attempts),
+            payment_id=command.payment_id,
+            psp_reference=state.psp_reference,
+            amount=amount,
+        )
+        result = await self._call_with_retries(lambda: self._adapter.capture(request))
+        if result.outcome == "succeeded":
+            state.amount_captured += amount
+            fee = fee_for(amount, self._fee_bps, self._fee_fixed)
+            return self.event(
+                state, command, "payment.captured", "captured",
+                fee=fee, amount_captured_now=amount,
+            )
+        if result.outcome == "unknown":
+            return self.event(
+                state,
+                command,
+                "payment.pending_verification",
+                "pending_verification",
+                reason="capture outcome unknown (timeout or lost response); verifying",
+            )
+        return self.event(
+            state,
+            command,
+            "payment.failed",
+            "authorized",
+            decline_code=result.decline_code,
+            reason=f"capture failed: psp_{result.outcome}: {result.message or 'no detail'}",
+        )

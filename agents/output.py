@@ -1,0 +1,56 @@
+"""A confluent-kafka producer for agent output, flushed before a batch is acknowledged.
+
+Agents produce events and DLQ records here (idempotent producer, acks=all) and call
+:meth:`EventPublisher.flush` at the end of each batch, before Faust acks the batch's input
+records. So an input offset is committed only after its outputs are durably written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from config.settings import Settings
+from topics.kafka_config import producer_config
+
+
+class DeliveryFailed(RuntimeError):
+    """The broker did not acknowledge some records of a batch."""
+
+
+class EventPublisher:
+    def __init__(self, settings: Settings) -> None:
+        self._producer = Producer(producer_config(settings))
+        self._errors: list[str] = []
+
+    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            self._errors.append(str(err))
+
+    def publish(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": self._on_delivery}
+        if headers:
+            kwargs["headers"] = headers
+        while True:
+            try:
+                self._producer.produce(topic, **kwargs)
+                return
+            except BufferError:
+                self._producer.poll(0.05)  # local queue full: let deliveries drain
+
+    async def flush(self, timeout: float = 60.0) -> None:
+        """Wait until every record published so far is acknowledged by the broker."""
+        remaining = await asyncio.to_thread(self._producer.flush, timeout)
+        errors, self._errors = self._errors, []
+        if remaining or errors:
+            raise DeliveryFailed(
+                f"{remaining} records unacknowledged, {len(errors)} failed: {errors[:3]}"
+            )

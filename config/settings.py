@@ -1,0 +1,90 @@
+"""Every paystream setting, read from the environment (prefix ``PAYSTREAM_``).
+
+The defaults describe the embedded development stack that ``paystream dev`` and
+``make run`` start: a Tansu broker, embedded PostgreSQL and Redis, and PSP sandboxes.
+A value of ``embedded`` for the broker, PostgreSQL or Redis means "start one for me";
+any other value points at a real service and the dev stack leaves that part alone.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED = "embedded"
+
+
+class Settings(BaseSettings):
+    """Settings for workers, the CLI and the dev stack."""
+
+    model_config = SettingsConfigDict(env_prefix="PAYSTREAM_", extra="ignore")
+
+    # --- infrastructure -----------------------------------------------------------
+    kafka_bootstrap_servers: str = Field(
+        EMBEDDED, description="Kafka bootstrap servers (host:port,...) or 'embedded'."
+    )
+    kafka_security_protocol: str = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    kafka_sasl_mechanism: str | None = Field(None, description="PLAIN, SCRAM-SHA-256, ...")
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = Field(None, description="CA bundle for Kafka TLS.")
+    pg_dsn: str = Field(EMBEDDED, description="PostgreSQL DSN (sslmode=... for TLS) or 'embedded'.")
+    redis_url: str = Field(EMBEDDED, description="Redis URL (rediss:// for TLS) or 'embedded'.")
+    web_port: int = Field(8000, description="Worker HTTP port: status view, metrics, health.")
+    web_host: str = "127.0.0.1"
+
+    # --- embedded stack -----------------------------------------------------------
+    data_dir: Path = Field(Path(".paystream"), description="Embedded stack data and logs.")
+    embedded_kafka_port: int = 19092
+    embedded_redis_port: int = 16379
+
+    # --- Faust ----------------------------------------------------------------------
+    app_id: str = Field("paystream", description="Faust app id (consumer group prefix).")
+    partitions: int = Field(4, description="Partitions of every payment topic.")
+    replication_factor: int = 1
+    broker_session_timeout: float = Field(4.0, description="Seconds; short for dev brokers.")
+    broker_rebalance_timeout: float = 4.0
+    broker_heartbeat_interval: float = 1.0
+    batch_max: int = Field(500, description="Max events per agent batch (stream.take).")
+    batch_within: float = Field(0.05, description="Seconds to wait filling a batch.")
+
+    # --- PSPs ---------------------------------------------------------------------------
+    psp_alpha_url: str = "http://127.0.0.1:18081"
+    psp_alpha_api_key: SecretStr = SecretStr("sk_test_alpha")
+    psp_alpha_webhook_secret: SecretStr = SecretStr("whsec_alpha")
+    psp_timeout_seconds: float = Field(5.0, description="PSP HTTP timeout; after it, UNKNOWN.")
+    psp_max_in_flight: int = Field(256, description="Concurrent PSP calls per worker.")
+    psp_sandbox_embedded: bool = Field(True, description="dev stack starts the PSP sandbox.")
+    psp_sandbox_latency_ms: float = Field(5.0, description="Sandbox's added latency (mean).")
+
+    # --- money --------------------------------------------------------------------------
+    fee_bps: int = Field(290, description="Default merchant fee, basis points of the amount.")
+    fee_fixed_minor: int = Field(30, description="Default fixed fee per capture, minor units.")
+
+    def require_real(self) -> None:
+        """Fail clearly when a worker is started without concrete service addresses."""
+        missing = [
+            name
+            for name, value in (
+                ("PAYSTREAM_KAFKA_BOOTSTRAP_SERVERS", self.kafka_bootstrap_servers),
+                ("PAYSTREAM_PG_DSN", self.pg_dsn),
+                ("PAYSTREAM_REDIS_URL", self.redis_url),
+            )
+            if value == EMBEDDED
+        ]
+        if missing:
+            raise RuntimeError(
+                f"{', '.join(missing)} still 'embedded': start the worker through "
+                "'paystream dev' or point the setting at a running service"
+            )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once from the environment)."""
+    return Settings()

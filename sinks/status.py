@@ -1,0 +1,85 @@
+"""The payment-status read model: the latest event of each payment, served over HTTP.
+
+``apply_events`` upserts a batch in one statement per table. A payment's row moves only
+to a higher ``sequence``, so duplicates, replays and redeliveries never regress it.
+Replayed events (answers to repeated commands) are logged but never change the row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from schemas.events import PaymentEvent
+
+
+def _latest_per_payment(events: Sequence[PaymentEvent]) -> list[PaymentEvent]:
+    latest: dict[str, PaymentEvent] = {}
+    for event in events:
+        if event.replayed:
+            continue
+        current = latest.get(event.payment_id)
+        if current is None or event.sequence >= current.sequence:
+            latest[event.payment_id] = event
+    return list(latest.values())
+
+
+async def apply_events(conn: Any, events: Sequence[PaymentEvent]) -> None:
+    """Record ``events`` in the event log and move each payment's row forward."""
+    if not events:
+        return
+    unique = {event.event_id: event for event in events if not event.replayed}
+    if unique:
+        await conn.execute(
+            """
+            INSERT INTO payment_events (event_id, payment_id, type, sequence, replayed, event)
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[],
+                                 $5::bool[], $6::jsonb[])
+            ON CONFLICT (event_id) DO NOTHING
+            """,
+            list(unique),
+            [e.payment_id for e in unique.values()],
+            [e.type for e in unique.values()],
+            [e.sequence for e in unique.values()],
+            [e.replayed for e in unique.values()],
+            [e.model_dump_json() for e in unique.values()],
+        )
+    latest = _latest_per_payment(events)
+    if not latest:
+        return
+    await conn.execute(
+        """
+        INSERT INTO payment_status (payment_id, merchant_id, status, sequence, event)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::jsonb[])
+        ON CONFLICT (payment_id) DO UPDATE
+           SET merchant_id = EXCLUDED.merchant_id,
+               status = EXCLUDED.status,
+               sequence = EXCLUDED.sequence,
+               event = EXCLUDED.event,
+               updated_at = now()
+         WHERE payment_status.sequence < EXCLUDED.sequence
+            OR (payment_status.sequence = 0 AND EXCLUDED.sequence = 0)
+        """,
+        [e.payment_id for e in latest],
+        [e.merchant_id for e in latest],
+        [e.status for e in latest],
+        [e.sequence for e in latest],
+        [e.model_dump_json() for e in latest],
+    )
+
+
+async def get_status(conn: Any, payment_id: str) -> dict[str, Any] | None:
+    """The payment's latest event as the wire contract's JSON object, or None."""
+    row = await conn.fetchrow("SELECT event FROM payment_status WHERE payment_id = $1", payment_id)
+    if row is None:
+        return None
+    value = row["event"]
+    result: dict[str, Any] = json.loads(value) if isinstance(value, str) else dict(value)
+    return result
+
+
+async def status_counts(conn: Any) -> dict[str, int]:
+    """How many payments are in each status."""
+    rows = await conn.fetch("SELECT status, count(*) AS n FROM payment_status GROUP BY status")
+    return {row["status"]: int(row["n"]) for row in rows}

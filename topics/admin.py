@@ -1,0 +1,83 @@
+"""Create, verify and describe the catalog's topics with confluent-kafka's AdminClient."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from config.settings import Settings
+from topics.catalog import TopicSpec, catalog
+from topics.kafka_config import client_config
+
+
+class TopicProblem(Exception):
+    """A topic exists with the wrong shape, or could not be created."""
+
+
+def admin_client(settings: Settings) -> AdminClient:
+    return AdminClient(client_config(settings))
+
+
+def _existing(admin: AdminClient, timeout: float) -> dict[str, int]:
+    metadata = admin.list_topics(timeout=timeout)
+    return {
+        name: len(topic.partitions)
+        for name, topic in metadata.topics.items()
+        if topic.error is None
+    }
+
+
+def create_topics(settings: Settings, timeout: float = 15.0) -> dict[str, str]:
+    """Create every missing catalog topic; returns name -> 'created' | 'exists'."""
+    admin = admin_client(settings)
+    specs = catalog(settings)
+    existing = _existing(admin, timeout)
+    result: dict[str, str] = {}
+    missing: list[TopicSpec] = []
+    for spec in specs:
+        if spec.name in existing:
+            result[spec.name] = "exists"
+        else:
+            missing.append(spec)
+    if missing:
+        futures: dict[str, Any] = admin.create_topics(
+            [
+                NewTopic(
+                    spec.name,
+                    num_partitions=spec.partitions,
+                    replication_factor=spec.replication_factor,
+                    config=spec.config(),
+                )
+                for spec in missing
+            ],
+            operation_timeout=timeout,
+        )
+        for name, future in futures.items():
+            try:
+                future.result(timeout=timeout)
+                result[name] = "created"
+            except Exception as exc:  # noqa: BLE001 - reported per topic below
+                if "TOPIC_ALREADY_EXISTS" in str(exc):
+                    result[name] = "exists"
+                else:
+                    raise TopicProblem(f"could not create {name}: {exc}") from exc
+    verify_topics(settings, timeout=timeout)
+    return result
+
+
+def verify_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
+    """Check every catalog topic exists with its partition count; raise on a mismatch."""
+    existing = _existing(admin_client(settings), timeout)
+    problems: list[str] = []
+    for spec in catalog(settings):
+        partitions = existing.get(spec.name)
+        if partitions is None:
+            problems.append(f"{spec.name}: missing (run 'paystream topics create')")
+        elif partitions != spec.partitions:
+            problems.append(
+                f"{spec.name}: {partitions} partitions, catalog says {spec.partitions}"
+            )
+    if problems:
+        raise TopicProblem("; ".join(problems))
+    return [spec.name for spec in catalog(settings)]

@@ -1,0 +1,98 @@
+"""The topic catalog: every topic paystream reads or writes, in one place.
+
+Nothing relies on broker auto-creation: ``paystream topics create`` makes these topics and
+``paystream topics verify`` checks that a cluster matches them. Faust's table changelog
+topics are listed too, because a changelog must have exactly as many partitions as the
+stream that updates its table.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from config.settings import Settings
+
+DAY_MS = 24 * 60 * 60 * 1000
+
+COMMANDS = "payments.commands"
+EVENTS = "payments.events"
+COMMANDS_DLQ = "payments.commands.dlq"
+EVENTS_DLQ = "payments.events.dlq"
+PAYMENT_STATE_TABLE = "payment_state"
+
+
+def changelog_topic(app_id: str, table: str) -> str:
+    """Faust's name for a table's changelog topic."""
+    return f"{app_id}-{table}-changelog"
+
+
+class TopicSpec(BaseModel):
+    """One topic: name, partitions, cleanup policy and what its key is."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    partitions: int
+    key: str
+    description: str
+    cleanup_policy: Literal["delete", "compact"] = "delete"
+    retention_ms: int | None = 7 * DAY_MS
+    replication_factor: int = 1
+
+    def config(self) -> dict[str, str]:
+        """Topic-level configs as Kafka expects them."""
+        out = {"cleanup.policy": self.cleanup_policy}
+        if self.retention_ms is not None:
+            out["retention.ms"] = str(self.retention_ms)
+        return out
+
+
+def catalog(settings: Settings) -> list[TopicSpec]:
+    """Every topic for a deployment configured by ``settings``."""
+    n = settings.partitions
+    rf = settings.replication_factor
+    return [
+        TopicSpec(
+            name=COMMANDS,
+            partitions=n,
+            key="payment_id",
+            description="Payment commands from checkout systems (JSON, schema_version 1).",
+            retention_ms=7 * DAY_MS,
+            replication_factor=rf,
+        ),
+        TopicSpec(
+            name=EVENTS,
+            partitions=n,
+            key="payment_id",
+            description="Authoritative payment outcomes (JSON events).",
+            retention_ms=30 * DAY_MS,
+            replication_factor=rf,
+        ),
+        TopicSpec(
+            name=COMMANDS_DLQ,
+            partitions=1,
+            key="original key",
+            description="Commands that could not be processed: original bytes + headers.",
+            retention_ms=30 * DAY_MS,
+            replication_factor=rf,
+        ),
+        TopicSpec(
+            name=EVENTS_DLQ,
+            partitions=1,
+            key="original key",
+            description="Events a sink could not apply: original bytes + headers.",
+            retention_ms=30 * DAY_MS,
+            replication_factor=rf,
+        ),
+        TopicSpec(
+            name=changelog_topic(settings.app_id, PAYMENT_STATE_TABLE),
+            partitions=n,
+            key="payment_id",
+            description="Faust changelog of the per-payment state table.",
+            cleanup_policy="compact",
+            retention_ms=None,
+            replication_factor=rf,
+        ),
+    ]
