@@ -291,7 +291,7 @@ def create_app(settings: Settings) -> faust.App:
 
     # ---------------------------------------------------------------- web
     @app.page("/v1/payments/{payment_id}")
-    class PaymentStatusView(faust.web.View):  # type: ignore[misc]
+    class PaymentStatusView(faust.web.View):
         async def get(self, request: Any, payment_id: str) -> Any:
             pool = await resources.db()
             async with pool.acquire() as conn:
@@ -301,17 +301,17 @@ def create_app(settings: Settings) -> faust.App:
             return self.json(found)
 
     @app.page("/metrics")
-    class MetricsView(faust.web.View):  # type: ignore[misc]
+    class MetricsView(faust.web.View):
         async def get(self, request: Any) -> Any:
             return self.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
 
     @app.page("/healthz")
-    class HealthView(faust.web.View):  # type: ignore[misc]
+    class HealthView(faust.web.View):
         async def get(self, request: Any) -> Any:
             return self.json({"status": "ok"})
 
     @app.page("/readyz")
-    class ReadyView(faust.web.View):  # type: ignore[misc]
+    class ReadyView(faust.web.View):
         async def get(self, request: Any) -> Any:
             try:
                 pool = await resources.db()

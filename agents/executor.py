@@ -9,6 +9,8 @@ goes to ``pending_verification`` until the PSP's status resolves it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+
 from agents.events import build_event, rejection
 from agents.state import PaymentState, TransitionError, check_capture
 from psp.protocol import AuthorizeRequest, CaptureRequest, PspAdapter, PspResult
@@ -48,9 +50,8 @@ class Executor:
         state.status = status
         return build_event(state, envelope, event_type, status, **extra)
 
-    async def _call_with_retries(self, call: object) -> PspResult:
-        assert callable(call)
-        result: PspResult = await call()
+    async def _call_with_retries(self, call: Callable[[], Awaitable[PspResult]]) -> PspResult:
+        result = await call()
         for delay in RETRY_DELAYS_SECONDS:
             if result.outcome != "retryable_error":
                 break
@@ -121,7 +122,8 @@ class Executor:
             amount = check_capture(state, command.amount)
         except TransitionError as exc:
             return rejection(state, command, str(exc))
-        assert state.psp_reference is not None
+        if state.psp_reference is None:  # authorized always records the PSP's reference
+            return rejection(state, command, "state_violation: no PSP reference to capture")
         state.attempts += 1
         request = CaptureRequest(
             attempt_id=attempt_id(command.payment_id, "capture", state.attempts),

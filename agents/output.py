@@ -46,9 +46,9 @@ class EventPublisher:
             except BufferError:
                 self._producer.poll(0.05)  # local queue full: let deliveries drain
 
-    async def flush(self, timeout: float = 60.0) -> None:
+    async def flush(self, wait_seconds: float = 60.0) -> None:
         """Wait until every record published so far is acknowledged by the broker."""
-        remaining = await asyncio.to_thread(self._producer.flush, timeout)
+        remaining = await asyncio.to_thread(self._producer.flush, wait_seconds)
         errors, self._errors = self._errors, []
         if remaining or errors:
             raise DeliveryFailed(

@@ -185,7 +185,7 @@ def send_authorize(
     payment: Annotated[str, typer.Option()],
     amount: Annotated[int, typer.Option(help="Minor units (cents for USD).")],
     currency: Annotated[str, typer.Option()] = "USD",
-    token: Annotated[str, typer.Option()] = "tok_visa",
+    token: Annotated[str, typer.Option(help="PSP payment-method token.")] = "tok_visa",  # noqa: S107
     manual: Annotated[bool, typer.Option(help="Manual capture.")] = False,
     idempotency_key: Annotated[str | None, typer.Option()] = None,
 ) -> None:

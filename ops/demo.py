@@ -29,7 +29,12 @@ DECLINED = (
     "tok_chargeDeclinedInsufficientFunds",
     "tok_chargeDeclinedExpiredCard",
 )
-CURRENCIES = {"USD": (500, 50_000), "EUR": (500, 30_000), "JPY": (300, 20_000), "KWD": (1000, 90_000)}
+CURRENCIES = {
+    "USD": (500, 50_000),
+    "EUR": (500, 30_000),
+    "JPY": (300, 20_000),
+    "KWD": (1000, 90_000),
+}
 
 
 @dataclass
@@ -85,7 +90,7 @@ async def _statuses(pool: asyncpg.Pool, prefix: str) -> Counter[str]:
 
 
 async def wait_and_summarise(
-    settings: Settings, run_id: str, count: int, timeout: float, console: Console
+    settings: Settings, run_id: str, count: int, wait_seconds: float, console: Console
 ) -> DemoResult:
     result = DemoResult(run_id=run_id, offered=count)
     prefix = f"pay_{run_id}_"
@@ -101,7 +106,7 @@ async def wait_and_summarise(
             transient=False,
         ) as progress:
             task = progress.add_task("settle", total=count)
-            while time.monotonic() - started < timeout:
+            while time.monotonic() - started < wait_seconds:
                 result.statuses = await _statuses(pool, prefix)
                 done = sum(n for status, n in result.statuses.items() if status in SETTLED)
                 progress.update(task, completed=done)

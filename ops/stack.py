@@ -18,7 +18,6 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
-from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
 
@@ -161,7 +160,9 @@ class EmbeddedStack:
             # The embedded broker keeps nothing across restarts; a ledger kept alone would
             # not match it, so embedded runs start from an empty database too.
             shutil.rmtree(pg_dir)
-        self._pg_server = pgserver.get_server(pg_dir, cleanup_mode="stop")
+        self._pg_server = pgserver.get_server(  # type: ignore[attr-defined,unused-ignore]
+            pg_dir, cleanup_mode="stop"
+        )
         uri = str(self._pg_server.get_uri())
         log(f"postgres: embedded (pgserver) in {pg_dir}")
         return uri
@@ -186,7 +187,9 @@ class EmbeddedStack:
         url = urlparse(s.psp_alpha_url)
         port = url.port or 80
         if port_open("127.0.0.1", port):
-            raise StackError(f"port {port} for the PSP sandbox is busy; set PAYSTREAM_PSP_ALPHA_URL")
+            raise StackError(
+                f"port {port} for the PSP sandbox is busy; set PAYSTREAM_PSP_ALPHA_URL"
+            )
         self._spawn(
             "psp-alpha",
             [

@@ -106,12 +106,12 @@ def wait_for(check: Callable[[], Any], timeout: float = 30.0, interval: float = 
     pytest.fail(f"condition not met within {timeout}s (last value: {last!r})")
 
 
-async def async_wait_for(check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
+async def async_wait_for(check: Callable[[], Any], within: float = 30.0) -> Any:
+    deadline = time.monotonic() + within
     last: Any = None
     while time.monotonic() < deadline:
         last = await check()
         if last:
             return last
         await asyncio.sleep(0.1)
-    pytest.fail(f"condition not met within {timeout}s (last value: {last!r})")
+    pytest.fail(f"condition not met within {within}s (last value: {last!r})")

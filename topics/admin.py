@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from config.settings import Settings
 from topics.catalog import TopicSpec, catalog
@@ -16,7 +16,8 @@ class TopicProblem(Exception):
 
 
 def admin_client(settings: Settings) -> AdminClient:
-    return AdminClient(client_config(settings))
+    conf: dict[str, str | int | float | bool] = dict(client_config(settings))
+    return AdminClient(conf)
 
 
 def _existing(admin: AdminClient, timeout: float) -> dict[str, int]:

@@ -43,7 +43,7 @@ class TopicSpec(BaseModel):
 
     def config(self) -> dict[str, str]:
         """Topic-level configs as Kafka expects them."""
-        out = {"cleanup.policy": self.cleanup_policy}
+        out: dict[str, str] = {"cleanup.policy": self.cleanup_policy}
         if self.retention_ms is not None:
             out["retention.ms"] = str(self.retention_ms)
         return out
