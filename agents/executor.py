@@ -50,13 +50,25 @@ class Executor:
         state.status = status
         return build_event(state, envelope, event_type, status, **extra)
 
-    async def _call_with_retries(self, call: Callable[[], Awaitable[PspResult]]) -> PspResult:
-        result = await call()
+    async def _call_with_retries(
+        self, state: PaymentState, call: Callable[[str], Awaitable[PspResult]], operation: str
+    ) -> PspResult:
+        """Call the PSP; retry retryable answers a few times.
+
+        A 5xx or 429 left no outcome under the idempotency key, so the retry reuses the
+        attempt id (a request that did get through is then replayed, never repeated). A
+        retryable decline (``processing_error``) is an outcome the PSP recorded for that
+        key, so its retry is a new attempt with a new id.
+        """
+        state.attempts += 1
+        result = await call(attempt_id(state.payment_id, operation, state.attempts))
         for delay in RETRY_DELAYS_SECONDS:
             if result.outcome != "retryable_error":
                 break
-            await asyncio.sleep(result.retry_after or delay)
-            result = await call()
+            await asyncio.sleep(min(result.retry_after or delay, 1.0))
+            if result.psp_reference is not None:
+                state.attempts += 1
+            result = await call(attempt_id(state.payment_id, operation, state.attempts))
         return result
 
     # -- commands ------------------------------------------------------------------------
@@ -65,17 +77,21 @@ class Executor:
         state.currency = command.currency
         state.capture_method = command.capture_method
         state.psp = self._psp
-        state.attempts += 1
-        request = AuthorizeRequest(
-            attempt_id=attempt_id(command.payment_id, "authorize", state.attempts),
-            payment_id=command.payment_id,
-            merchant_id=command.merchant_id,
-            amount=command.amount,
-            currency=command.currency,
-            payment_method=command.payment_method,
-            capture_method=command.capture_method,
-        )
-        result = await self._call_with_retries(lambda: self._adapter.authorize(request))
+
+        def authorize(attempt: str) -> Awaitable[PspResult]:
+            return self._adapter.authorize(
+                AuthorizeRequest(
+                    attempt_id=attempt,
+                    payment_id=command.payment_id,
+                    merchant_id=command.merchant_id,
+                    amount=command.amount,
+                    currency=command.currency,
+                    payment_method=command.payment_method,
+                    capture_method=command.capture_method,
+                )
+            )
+
+        result = await self._call_with_retries(state, authorize, "authorize")
         if result.psp_reference:
             state.psp_reference = result.psp_reference
         match result.outcome:
@@ -124,14 +140,19 @@ class Executor:
             return rejection(state, command, str(exc))
         if state.psp_reference is None:  # authorized always records the PSP's reference
             return rejection(state, command, "state_violation: no PSP reference to capture")
-        state.attempts += 1
-        request = CaptureRequest(
-            attempt_id=attempt_id(command.payment_id, "capture", state.attempts),
-            payment_id=command.payment_id,
-            psp_reference=state.psp_reference,
-            amount=amount,
-        )
-        result = await self._call_with_retries(lambda: self._adapter.capture(request))
+        reference = state.psp_reference
+
+        def capture(attempt: str) -> Awaitable[PspResult]:
+            return self._adapter.capture(
+                CaptureRequest(
+                    attempt_id=attempt,
+                    payment_id=command.payment_id,
+                    psp_reference=reference,
+                    amount=amount,
+                )
+            )
+
+        result = await self._call_with_retries(state, capture, "capture")
         if result.outcome == "succeeded":
             state.amount_captured += amount
             fee = fee_for(amount, self._fee_bps, self._fee_fixed)

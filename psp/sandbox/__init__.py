@@ -1,0 +1,19 @@
+"""A Stripe-like PSP sandbox served over HTTP, for tests, the dev stack and load tests.
+
+Run one with ``python -m psp.sandbox --name alpha --port 18081 --api-key sk_test_alpha``;
+build one in-process with :func:`create_app`. See :mod:`psp.sandbox.app` for the API.
+"""
+
+from psp.sandbox.app import DEFAULT_TIMEOUT_HOLD_S, SANDBOX_STATE, create_app
+from psp.sandbox.server import main, serve
+from psp.sandbox.state import TOKENS, SandboxState
+
+__all__ = [
+    "DEFAULT_TIMEOUT_HOLD_S",
+    "SANDBOX_STATE",
+    "TOKENS",
+    "SandboxState",
+    "create_app",
+    "main",
+    "serve",
+]
