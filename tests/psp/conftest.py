@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
-from psp_harness import API_KEY, PSP_NAME, WEBHOOK_SECRET, Sandbox
 
 from psp.sandbox import SANDBOX_STATE, create_app
+from tests.psp.psp_harness import API_KEY, PSP_NAME, WEBHOOK_SECRET, Sandbox
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import asyncio
 import secrets
 
 import pytest
-from psp_harness import Sandbox
 
 from psp.protocol import (
     STATUS_NOT_FOUND,
@@ -17,6 +16,7 @@ from psp.protocol import (
     VoidRequest,
 )
 from psp.sandbox_adapter import SandboxAdapter
+from tests.psp.psp_harness import Sandbox
 
 
 def _id(prefix: str) -> str:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from psp_harness import Sandbox
-
 from psp.sandbox.app import create_app
+from tests.psp.psp_harness import Sandbox
 
 INTENT = {
     "amount": 2500,
