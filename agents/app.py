@@ -107,6 +107,14 @@ class Resources:
                 await migrate(conn)
         return self.pool
 
+    async def close(self) -> None:
+        if self.adapter is not None:
+            await self.adapter.close()
+            self.adapter = None
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+
     def psp(self) -> SandboxAdapter:
         if self.adapter is None:
             s = self.settings
@@ -172,10 +180,15 @@ def create_app(settings: Settings) -> faust.App:
         processor = CommandProcessor(
             Executor(resources.psp(), "alpha", settings.fee_bps, settings.fee_fixed_minor)
         )
-        async for batch in stream.take_events(settings.batch_max, within=settings.batch_within):
-            metrics.BATCH_SIZE.labels("process_commands").observe(len(batch))
-            await process_command_batch(batch, publisher, processor)
-            await with_infra_retries("publishing events", publisher.flush)
+        try:
+            async for batch in stream.take_events(
+                settings.batch_max, within=settings.batch_within
+            ):
+                metrics.BATCH_SIZE.labels("process_commands").observe(len(batch))
+                await process_command_batch(batch, publisher, processor)
+                await with_infra_retries("publishing events", publisher.flush)
+        finally:
+            await resources.close()
         yield None  # pragma: no cover - makes this an async generator for Faust's typing
 
     async def process_command_batch(

@@ -103,6 +103,7 @@ def demo(
         console.print(f"publishing {payments} demo payments (run {run_id})")
         client = PaymentsClient(settings.kafka_bootstrap_servers)
         publish_demo_load(client, run_id, payments, seed)
+        del client  # flushed; close its connections before the broker stops
         result = asyncio.run(wait_and_summarise(settings, run_id, payments, timeout, console))
         ok = result.settled and result.ledger_ok
     finally:
