@@ -123,8 +123,30 @@ class Resources:
                 base_url=s.psp_alpha_url,
                 api_key=s.psp_alpha_api_key.get_secret_value(),
                 timeout=s.psp_timeout_seconds,
+                connection_limit=s.psp_max_in_flight,
             )
         return self.adapter
+
+
+def faust_credentials(settings: Settings) -> Any:
+    """SASL and/or TLS credentials for Faust's Kafka clients, from the same settings."""
+    import ssl
+
+    protocol = settings.kafka_security_protocol.upper()
+    context = None
+    if protocol in {"SSL", "SASL_SSL"}:
+        context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
+    if protocol.startswith("SASL"):
+        password = settings.kafka_sasl_password
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=password.get_secret_value() if password else None,
+            mechanism=settings.kafka_sasl_mechanism or "PLAIN",
+            ssl_context=context,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -132,6 +154,7 @@ def create_app(settings: Settings) -> faust.App:
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{server}" for server in settings.kafka_bootstrap_servers.split(",")],
+        broker_credentials=faust_credentials(settings),
         store="memory://",
         autodiscover=False,
         topic_partitions=settings.partitions,

@@ -30,35 +30,39 @@ class Settings(BaseSettings):
         "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
     )
     kafka_sasl_mechanism: str | None = Field(None, description="PLAIN, SCRAM-SHA-256, ...")
-    kafka_sasl_username: str | None = None
-    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_username: str | None = Field(None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password.")
     kafka_ssl_cafile: str | None = Field(None, description="CA bundle for Kafka TLS.")
     pg_dsn: str = Field(EMBEDDED, description="PostgreSQL DSN (sslmode=... for TLS) or 'embedded'.")
     redis_url: str = Field(EMBEDDED, description="Redis URL (rediss:// for TLS) or 'embedded'.")
     web_port: int = Field(8000, description="Worker HTTP port: status view, metrics, health.")
-    web_host: str = "127.0.0.1"
+    web_host: str = Field("127.0.0.1", description="Interface the worker's HTTP port binds.")
 
     # --- embedded stack -----------------------------------------------------------
     data_dir: Path = Field(Path(".paystream"), description="Embedded stack data and logs.")
-    embedded_kafka_port: int = 19092
-    embedded_redis_port: int = 16379
+    embedded_kafka_port: int = Field(19092, description="Port of the embedded Tansu broker.")
+    embedded_redis_port: int = Field(16379, description="Port of the embedded Redis.")
 
     # --- Faust ----------------------------------------------------------------------
     app_id: str = Field("paystream", description="Faust app id (consumer group prefix).")
     partitions: int = Field(4, description="Partitions of every payment topic.")
-    replication_factor: int = 1
+    replication_factor: int = Field(1, description="Replication of created topics.")
     broker_session_timeout: float = Field(4.0, description="Seconds; short for dev brokers.")
-    broker_rebalance_timeout: float = 4.0
-    broker_heartbeat_interval: float = 1.0
+    broker_rebalance_timeout: float = Field(4.0, description="Seconds; Tansu joins after ~half.")
+    broker_heartbeat_interval: float = Field(1.0, description="Seconds between heartbeats.")
     batch_max: int = Field(500, description="Max events per agent batch (stream.take).")
     batch_within: float = Field(0.05, description="Seconds to wait filling a batch.")
 
     # --- PSPs ---------------------------------------------------------------------------
-    psp_alpha_url: str = "http://127.0.0.1:18081"
-    psp_alpha_api_key: SecretStr = SecretStr("sk_test_alpha")
-    psp_alpha_webhook_secret: SecretStr = SecretStr("whsec_alpha")
+    psp_alpha_url: str = Field("http://127.0.0.1:18081", description="Base URL of PSP alpha.")
+    psp_alpha_api_key: SecretStr = Field(
+        SecretStr("sk_test_alpha"), description="API key for PSP alpha (sandbox default)."
+    )
+    psp_alpha_webhook_secret: SecretStr = Field(
+        SecretStr("whsec_alpha"), description="Signing secret of PSP alpha's webhooks."
+    )
     psp_timeout_seconds: float = Field(5.0, description="PSP HTTP timeout; after it, UNKNOWN.")
-    psp_max_in_flight: int = Field(256, description="Concurrent PSP calls per worker.")
+    psp_max_in_flight: int = Field(256, description="Open connections to each PSP per worker.")
     psp_sandbox_embedded: bool = Field(True, description="dev stack starts the PSP sandbox.")
     psp_sandbox_latency_ms: float = Field(5.0, description="Sandbox's added latency (mean).")
 
