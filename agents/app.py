@@ -208,7 +208,10 @@ def create_app(settings: Settings) -> faust.App:
                 settings.batch_max, within=settings.batch_within
             ):
                 metrics.BATCH_SIZE.labels("process_commands").observe(len(batch))
-                await process_command_batch(batch, publisher, processor)
+                try:
+                    await process_command_batch(batch, publisher, processor)
+                except Exception as exc:  # noqa: BLE001 - never let Faust ack this batch
+                    fail_stop(f"unexpected error in process_commands: {exc!r}")
                 await with_infra_retries("publishing events", publisher.flush)
         finally:
             await resources.close()
@@ -244,8 +247,13 @@ def create_app(settings: Settings) -> faust.App:
                 dead_letter_unexpected(publisher, event, "intake", exc)
 
         async def run_payment(key: bytes, items: list[tuple[Any, Accepted]]) -> None:
-            raw_state = state_table.data.get(key)
-            state = PaymentState.model_validate_json(raw_state) if raw_state else None
+            try:
+                raw_state = state_table.data.get(key)
+                state = PaymentState.model_validate_json(raw_state) if raw_state else None
+            except Exception as exc:  # noqa: BLE001 - unreadable state: park its commands
+                for event, _accepted in items:
+                    dead_letter_unexpected(publisher, event, "state", exc)
+                return
             for event, accepted in items:
                 try:
                     working = state.model_copy(deep=True) if state is not None else None
@@ -287,43 +295,42 @@ def create_app(settings: Settings) -> faust.App:
         publisher = EventPublisher(settings)
         pool = await resources.db()
         async for batch in stream.take_events(settings.batch_max, within=settings.batch_within):
-            metrics.BATCH_SIZE.labels("apply_events").observe(len(batch))
-            parsed: list[PaymentEvent] = []
-            for event in batch:
-                try:
-                    parsed.append(PaymentEvent.model_validate_json(event.value))
-                except Exception as exc:  # noqa: BLE001 - unparseable event -> DLQ
-                    dead_letter_unexpected(publisher, event, "sink", exc)
-
-            async def write(events: list[PaymentEvent] = parsed) -> None:
-                postings = [
-                    ledger.CapturePosting(
-                        event_id=e.event_id,
-                        payment_id=e.payment_id,
-                        merchant_id=e.merchant_id,
-                        amount=e.amount_captured_now,
-                        fee=e.fee,
-                        currency=e.currency or "",
-                        occurred_at=e.occurred_at,
-                    )
-                    for e in events
-                    if e.type == "payment.captured" and not e.replayed
-                ]
-                async with pool.acquire() as conn, conn.transaction():
-                    posted = await ledger.post_captures(conn, postings)
-                    await status.apply_events(conn, events)
-                metrics.LEDGER_POSTINGS.labels("capture").inc(posted)
-
-            await with_infra_retries("writing the ledger and status", write)
-            await with_infra_retries("publishing dead letters", publisher.flush)
-            now = datetime.now(UTC)
-            for e in parsed:
-                metrics.EVENTS_APPLIED.labels(e.type).inc()
-                if e.command_created_at is not None and not e.replayed:
-                    metrics.END_TO_END_LATENCY.observe(
-                        max(0.0, (now - e.command_created_at).total_seconds())
-                    )
+            try:
+                await apply_event_batch(batch, publisher, pool)
+            except Exception as exc:  # noqa: BLE001 - never let Faust ack this batch
+                fail_stop(f"unexpected error in apply_events: {exc!r}")
         yield None  # pragma: no cover
+
+    async def apply_event_batch(
+        batch: Sequence[Any], publisher: EventPublisher, pool: asyncpg.Pool
+    ) -> None:
+        metrics.BATCH_SIZE.labels("apply_events").observe(len(batch))
+        parsed: list[PaymentEvent] = []
+        postings: list[ledger.CapturePosting] = []
+        for event in batch:
+            try:
+                payment_event = PaymentEvent.model_validate_json(event.value)
+                if payment_event.type == "payment.captured" and not payment_event.replayed:
+                    postings.append(capture_posting(payment_event))
+                parsed.append(payment_event)
+            except Exception as exc:  # noqa: BLE001 - unusable event -> DLQ, not a crash loop
+                dead_letter_unexpected(publisher, event, "sink", exc)
+
+        async def write(events: list[PaymentEvent] = parsed) -> None:
+            async with pool.acquire() as conn, conn.transaction():
+                posted = await ledger.post_captures(conn, postings)
+                await status.apply_events(conn, events)
+            metrics.LEDGER_POSTINGS.labels("capture").inc(posted)
+
+        await with_infra_retries("writing the ledger and status", write)
+        await with_infra_retries("publishing dead letters", publisher.flush)
+        now = datetime.now(UTC)
+        for e in parsed:
+            metrics.EVENTS_APPLIED.labels(e.type).inc()
+            if e.command_created_at is not None and not e.replayed:
+                metrics.END_TO_END_LATENCY.observe(
+                    max(0.0, (now - e.command_created_at).total_seconds())
+                )
 
     # ---------------------------------------------------------------- web
     @app.page("/v1/payments/{payment_id}")
@@ -360,3 +367,18 @@ def create_app(settings: Settings) -> faust.App:
             return self.json({"status": "not_ready", "error": "rebalancing"}, status=503)
 
     return app
+
+
+def capture_posting(event: PaymentEvent) -> ledger.CapturePosting:
+    """The ledger posting of a ``payment.captured`` event (raises if it cannot be one)."""
+    if event.currency is None:
+        raise ValueError(f"captured event {event.event_id} has no currency")
+    return ledger.CapturePosting(
+        event_id=event.event_id,
+        payment_id=event.payment_id,
+        merchant_id=event.merchant_id,
+        amount=event.amount_captured_now,
+        fee=event.fee,
+        currency=event.currency,
+        occurred_at=event.occurred_at,
+    )

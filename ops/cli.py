@@ -60,7 +60,7 @@ def dev() -> None:
     env = stack.start(log=console.print)
     console.print("[bold green]paystream dev stack is up.[/] In another shell:")
     for name, value in env.items():
-        console.print(f"  export {name}='{value}'")
+        console.print(f"  export {name}='{value}'", soft_wrap=True, highlight=False)
     console.print("Ctrl-C stops everything.")
     stopping = False
 
@@ -68,7 +68,9 @@ def dev() -> None:
         nonlocal stopping
         stopping = True
 
+    # Explicit handlers: a shell may start a background job with SIGINT ignored.
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         while not stopping:
             if stack.worker is not None and stack.worker.poll() is not None:

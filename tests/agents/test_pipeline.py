@@ -279,3 +279,42 @@ def test_retryable_decline_retries_with_new_attempts_then_fails_without_charge(
     assert len(intents) == 3  # one per attempt, each with its own idempotency key
     assert len({c["idempotency_key"] for c in intents}) == 3
     assert all(c["amount_captured"] == 0 for c in intents)
+
+
+async def test_poison_event_goes_to_events_dlq_and_sink_keeps_applying(
+    live: Settings, client: PaymentsClient, events: TopicReader
+) -> None:
+    from confluent_kafka import Producer
+
+    from tests.conftest import async_wait_for
+    from topics.catalog import EVENTS_DLQ
+
+    payment = unique("pay")
+    producer = Producer({"bootstrap.servers": live.kafka_bootstrap_servers})
+    poison = json.dumps({"type": "payment.captured", "payment_id": payment}).encode()
+    producer.produce(EVENTS, key=payment.encode(), value=poison)
+    producer.flush(10)
+    client.authorize(merchant_id="m_poison", payment_id=payment, idempotency_key="a",
+                     amount=1500, currency="USD", payment_method="tok_visa")
+    client.flush()
+
+    conn = await asyncpg.connect(live.pg_dsn)
+    try:
+        async def applied() -> Any:
+            return await conn.fetchval(
+                "SELECT status FROM payment_status WHERE payment_id = $1", payment
+            )
+
+        assert await async_wait_for(applied) == "captured"
+    finally:
+        await conn.close()
+    dlq = TopicReader(live.kafka_bootstrap_servers, EVENTS_DLQ)
+    try:
+        [record] = dlq.until(
+            lambda records: [m for m in records if m.key() == payment.encode()] or None
+        )
+    finally:
+        dlq.close()
+    assert record.value() == poison
+    envelope = DlqEnvelope.from_headers(record.headers())
+    assert envelope.stage == "sink" and envelope.original_topic == EVENTS
