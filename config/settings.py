@@ -11,10 +11,19 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED = "embedded"
+
+
+class PspEndpoint(BaseModel):
+    """Where one PSP is and how to authenticate to it."""
+
+    name: str
+    url: str
+    api_key: str
+    webhook_secret: str
 
 
 class Settings(BaseSettings):
@@ -61,6 +70,13 @@ class Settings(BaseSettings):
     psp_alpha_webhook_secret: SecretStr = Field(
         SecretStr("whsec_alpha"), description="Signing secret of PSP alpha's webhooks."
     )
+    psp_beta_url: str = Field("http://127.0.0.1:18082", description="Base URL of PSP beta.")
+    psp_beta_api_key: SecretStr = Field(
+        SecretStr("sk_test_beta"), description="API key for PSP beta (sandbox default)."
+    )
+    psp_beta_webhook_secret: SecretStr = Field(
+        SecretStr("whsec_beta"), description="Signing secret of PSP beta's webhooks."
+    )
     psp_timeout_seconds: float = Field(5.0, description="PSP HTTP timeout; after it, UNKNOWN.")
     psp_max_in_flight: int = Field(256, description="Open connections to each PSP per worker.")
     psp_sandbox_embedded: bool = Field(True, description="dev stack starts the PSP sandbox.")
@@ -69,6 +85,23 @@ class Settings(BaseSettings):
     # --- money --------------------------------------------------------------------------
     fee_bps: int = Field(290, description="Default merchant fee, basis points of the amount.")
     fee_fixed_minor: int = Field(30, description="Default fixed fee per capture, minor units.")
+
+    def psp_endpoints(self) -> list[PspEndpoint]:
+        """The configured PSPs, in the fallback order."""
+        return [
+            PspEndpoint(
+                name="alpha",
+                url=self.psp_alpha_url,
+                api_key=self.psp_alpha_api_key.get_secret_value(),
+                webhook_secret=self.psp_alpha_webhook_secret.get_secret_value(),
+            ),
+            PspEndpoint(
+                name="beta",
+                url=self.psp_beta_url,
+                api_key=self.psp_beta_api_key.get_secret_value(),
+                webhook_secret=self.psp_beta_webhook_secret.get_secret_value(),
+            ),
+        ]
 
     def require_real(self) -> None:
         """Fail clearly when a worker is started without concrete service addresses."""
@@ -86,6 +119,16 @@ class Settings(BaseSettings):
                 f"{', '.join(missing)} still 'embedded': start the worker through "
                 "'paystream dev' or point the setting at a running service"
             )
+
+
+def settings_table() -> str:
+    """The settings as a markdown table (variable, default, meaning) for the README."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "(sandbox secret)" if isinstance(default, SecretStr) else str(default)
+        rows.append(f"| `PAYSTREAM_{name.upper()}` | `{shown}` | {field.description or ''} |")
+    return "\n".join(rows)
 
 
 @lru_cache(maxsize=1)

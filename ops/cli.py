@@ -132,6 +132,14 @@ def psp_sandbox(
     )
 
 
+@app.command("settings")
+def settings_command() -> None:
+    """Print every setting (environment variable, default, meaning) as a markdown table."""
+    from config.settings import settings_table
+
+    print(settings_table())  # noqa: T201 - plain output for piping into docs
+
+
 # ------------------------------------------------------------------------- topics
 @topics_app.command("create")
 def topics_create() -> None:

@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from functools import partial
 from typing import IO, Any
 from urllib.parse import urlparse
 
@@ -82,7 +83,8 @@ class EmbeddedStack:
             self.env["PAYSTREAM_KAFKA_BOOTSTRAP_SERVERS"] = self._start_broker(log)
             self.env["PAYSTREAM_PG_DSN"] = self._start_postgres(log)
             self.env["PAYSTREAM_REDIS_URL"] = self._start_redis(log)
-            self.env["PAYSTREAM_PSP_ALPHA_URL"] = s.psp_alpha_url
+            for psp in s.psp_endpoints():
+                self.env[f"PAYSTREAM_PSP_{psp.name.upper()}_URL"] = psp.url
             if s.psp_sandbox_embedded:
                 self._start_sandbox(log)
             self._prepare(log)
@@ -184,25 +186,28 @@ class EmbeddedStack:
 
     def _start_sandbox(self, log: Callable[[str], None]) -> None:
         s = self.settings
-        url = urlparse(s.psp_alpha_url)
-        port = url.port or 80
-        if port_open("127.0.0.1", port):
-            raise StackError(
-                f"port {port} for the PSP sandbox is busy; set PAYSTREAM_PSP_ALPHA_URL"
+        for psp in s.psp_endpoints():
+            port = urlparse(psp.url).port or 80
+            if port_open("127.0.0.1", port):
+                raise StackError(
+                    f"port {port} for PSP sandbox {psp.name} is busy; "
+                    f"set PAYSTREAM_PSP_{psp.name.upper()}_URL"
+                )
+            self._spawn(
+                f"psp-{psp.name}",
+                [
+                    sys.executable, "-m", "psp.sandbox",
+                    "--name", psp.name,
+                    "--port", str(port),
+                    "--api-key", psp.api_key,
+                    "--webhook-secret", psp.webhook_secret,
+                    "--latency-ms", str(s.psp_sandbox_latency_ms),
+                ],
             )
-        self._spawn(
-            "psp-alpha",
-            [
-                sys.executable, "-m", "psp.sandbox",
-                "--name", "alpha",
-                "--port", str(port),
-                "--api-key", s.psp_alpha_api_key.get_secret_value(),
-                "--webhook-secret", s.psp_alpha_webhook_secret.get_secret_value(),
-                "--latency-ms", str(s.psp_sandbox_latency_ms),
-            ],
-        )
-        wait_until(lambda: http_ok(f"{s.psp_alpha_url}/healthz"), 20, "the PSP sandbox")
-        log(f"psp: sandbox 'alpha' on {s.psp_alpha_url}")
+        for psp in s.psp_endpoints():
+            health = f"{psp.url}/healthz"
+            wait_until(partial(http_ok, health), 20, f"PSP sandbox {psp.name}")
+            log(f"psp: sandbox '{psp.name}' on {psp.url}")
 
     def _prepare(self, log: Callable[[str], None]) -> None:
         import asyncio

@@ -71,6 +71,7 @@ def stack_settings(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Set
         embedded_kafka_port=free_port(),
         embedded_redis_port=free_port(),
         psp_alpha_url=f"http://127.0.0.1:{psp_port}",
+        psp_beta_url=f"http://127.0.0.1:{free_port()}",
         psp_sandbox_latency_ms=2.0,
         psp_timeout_seconds=2.0,
         app_id=f"paystream-test-{uuid.uuid4().hex[:6]}",
