@@ -25,6 +25,7 @@ from typing import Any
 
 import asyncpg
 import faust
+import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents import metrics
@@ -35,6 +36,8 @@ from agents.output import EventPublisher
 from agents.processor import CommandProcessor
 from agents.state import PaymentState
 from config.settings import Settings
+from psp.registry import GuardSettings, build_router
+from psp.routing import Router, default_routing_table
 from psp.sandbox_adapter import SandboxAdapter
 from schemas.dlq import DlqEnvelope, scrub_payload
 from schemas.events import PaymentEvent
@@ -98,7 +101,8 @@ class Resources:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pool: asyncpg.Pool | None = None
-        self.adapter: SandboxAdapter | None = None
+        self.redis: aioredis.Redis | None = None
+        self.router: Router | None = None
 
     async def db(self) -> asyncpg.Pool:
         if self.pool is None:
@@ -107,25 +111,51 @@ class Resources:
                 await migrate(conn)
         return self.pool
 
+    def psps(self) -> Router:
+        """The PSP router: one adapter per configured PSP, breakers and limits in Redis."""
+        if self.router is None:
+            s = self.settings
+            adapters = [
+                SandboxAdapter(
+                    name=psp.name,
+                    base_url=psp.url,
+                    api_key=psp.api_key,
+                    timeout=s.psp_timeout_seconds,
+                    connection_limit=s.psp_max_in_flight,
+                )
+                for psp in s.psp_endpoints()
+            ]
+            # Hundreds of payments run concurrently: wait for a free connection rather
+            # than fail (the default pool raises MaxConnectionsError when exhausted).
+            self.redis = aioredis.Redis(
+                connection_pool=aioredis.BlockingConnectionPool.from_url(
+                    s.redis_url, max_connections=64, timeout=10
+                )
+            )
+            self.router = build_router(
+                self.redis,
+                adapters,
+                default_routing_table(),
+                GuardSettings(
+                    failure_threshold=s.psp_breaker_failures,
+                    open_seconds=s.psp_breaker_open_seconds,
+                    max_in_flight=s.psp_max_in_flight,
+                    lease_seconds=max(30.0, 3 * s.psp_timeout_seconds),
+                    key_prefix=s.app_id,
+                ),
+            )
+        return self.router
+
     async def close(self) -> None:
-        if self.adapter is not None:
-            await self.adapter.close()
-            self.adapter = None
+        if self.router is not None:
+            await self.router.close()
+            self.router = None
+        if self.redis is not None:
+            await self.redis.aclose()
+            self.redis = None
         if self.pool is not None:
             await self.pool.close()
             self.pool = None
-
-    def psp(self) -> SandboxAdapter:
-        if self.adapter is None:
-            s = self.settings
-            self.adapter = SandboxAdapter(
-                name="alpha",
-                base_url=s.psp_alpha_url,
-                api_key=s.psp_alpha_api_key.get_secret_value(),
-                timeout=s.psp_timeout_seconds,
-                connection_limit=s.psp_max_in_flight,
-            )
-        return self.adapter
 
 
 def faust_credentials(settings: Settings) -> Any:
@@ -201,7 +231,7 @@ def create_app(settings: Settings) -> faust.App:
     async def process_commands(stream: Any) -> AsyncIterator[None]:
         publisher = EventPublisher(settings)
         processor = CommandProcessor(
-            Executor(resources.psp(), "alpha", settings.fee_bps, settings.fee_fixed_minor)
+            Executor(resources.psps(), settings.fee_bps, settings.fee_fixed_minor)
         )
         try:
             async for batch in stream.take_events(

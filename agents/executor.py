@@ -13,7 +13,8 @@ from collections.abc import Awaitable, Callable
 
 from agents.events import build_event, rejection
 from agents.state import PaymentState, TransitionError, check_capture
-from psp.protocol import AuthorizeRequest, CaptureRequest, PspAdapter, PspResult
+from psp.protocol import AuthorizeRequest, CaptureRequest, PspResult
+from psp.routing import NO_ROUTE_CODE, Router, is_rate_limited
 from schemas.commands import AuthorizePayment, CapturePayment, CommandEnvelope
 from schemas.events import EventType, PaymentEvent, PaymentStatus
 from schemas.money import fee_for
@@ -30,9 +31,8 @@ def attempt_id(payment_id: str, operation: str, number: int) -> str:
 class Executor:
     """Runs commands against the PSP and builds the resulting events."""
 
-    def __init__(self, adapter: PspAdapter, psp_name: str, fee_bps: int, fee_fixed: int) -> None:
-        self._adapter = adapter
-        self._psp = psp_name
+    def __init__(self, router: Router, fee_bps: int, fee_fixed: int) -> None:
+        self._router = router
         self._fee_bps = fee_bps
         self._fee_fixed = fee_fixed
 
@@ -51,24 +51,32 @@ class Executor:
         return build_event(state, envelope, event_type, status, **extra)
 
     async def _call_with_retries(
-        self, state: PaymentState, call: Callable[[str], Awaitable[PspResult]], operation: str
+        self,
+        state: PaymentState,
+        call: Callable[[str, str | None], Awaitable[PspResult]],
+        operation: str,
     ) -> PspResult:
-        """Call the PSP; retry retryable answers a few times.
+        """Call the PSP (``call(attempt_id, pinned_psp)``); retry retryable answers.
 
-        A 5xx or 429 left no outcome under the idempotency key, so the retry reuses the
-        attempt id (a request that did get through is then replayed, never repeated). A
-        retryable decline (``processing_error``) is an outcome the PSP recorded for that
-        key, so its retry is a new attempt with a new id.
+        * A 5xx left no outcome under the idempotency key, but the PSP may have processed
+          the request: the retry reuses the attempt id AND is pinned to the same PSP, so a
+          request that did get through is replayed there, never repeated elsewhere.
+        * A 429 was refused before processing: same attempt id, any PSP.
+        * A retryable decline (``processing_error``) is an outcome the PSP recorded for that
+          key: the retry is a new attempt with a new id, routed afresh.
         """
         state.attempts += 1
-        result = await call(attempt_id(state.payment_id, operation, state.attempts))
+        result = await call(attempt_id(state.payment_id, operation, state.attempts), None)
         for delay in RETRY_DELAYS_SECONDS:
             if result.outcome != "retryable_error":
                 break
             await asyncio.sleep(min(result.retry_after or delay, 1.0))
+            pinned: str | None = None
             if result.psp_reference is not None:
                 state.attempts += 1
-            result = await call(attempt_id(state.payment_id, operation, state.attempts))
+            elif not is_rate_limited(result):
+                pinned = result.psp
+            result = await call(attempt_id(state.payment_id, operation, state.attempts), pinned)
         return result
 
     # -- commands ------------------------------------------------------------------------
@@ -76,10 +84,9 @@ class Executor:
         state.amount = command.amount
         state.currency = command.currency
         state.capture_method = command.capture_method
-        state.psp = self._psp
 
-        def authorize(attempt: str) -> Awaitable[PspResult]:
-            return self._adapter.authorize(
+        def authorize(attempt: str, pinned: str | None) -> Awaitable[PspResult]:
+            return self._router.authorize(
                 AuthorizeRequest(
                     attempt_id=attempt,
                     payment_id=command.payment_id,
@@ -88,10 +95,17 @@ class Executor:
                     currency=command.currency,
                     payment_method=command.payment_method,
                     capture_method=command.capture_method,
-                )
+                ),
+                psp=pinned,
             )
 
         result = await self._call_with_retries(state, authorize, "authorize")
+        if result.decline_code == NO_ROUTE_CODE:
+            return self.event(
+                state, command, "payment.declined", "declined",
+                decline_code=NO_ROUTE_CODE, reason=result.message,
+            )
+        state.psp = result.psp or None
         if result.psp_reference:
             state.psp_reference = result.psp_reference
         match result.outcome:
@@ -138,12 +152,13 @@ class Executor:
             amount = check_capture(state, command.amount)
         except TransitionError as exc:
             return rejection(state, command, str(exc))
-        if state.psp_reference is None:  # authorized always records the PSP's reference
+        if state.psp_reference is None or state.psp is None:
             return rejection(state, command, "state_violation: no PSP reference to capture")
         reference = state.psp_reference
+        adapter = self._router.adapter(state.psp)  # captures go where the authorization is
 
-        def capture(attempt: str) -> Awaitable[PspResult]:
-            return self._adapter.capture(
+        def capture(attempt: str, _pinned: str | None) -> Awaitable[PspResult]:
+            return adapter.capture(
                 CaptureRequest(
                     attempt_id=attempt,
                     payment_id=command.payment_id,

@@ -78,6 +78,12 @@ class Settings(BaseSettings):
         SecretStr("whsec_beta"), description="Signing secret of PSP beta's webhooks."
     )
     psp_timeout_seconds: float = Field(5.0, description="PSP HTTP timeout; after it, UNKNOWN.")
+    psp_breaker_failures: int = Field(
+        5, description="Consecutive failures that open a PSP's circuit breaker."
+    )
+    psp_breaker_open_seconds: float = Field(
+        5.0, description="Seconds a breaker stays open before a half-open trial."
+    )
     psp_max_in_flight: int = Field(256, description="Open connections to each PSP per worker.")
     psp_sandbox_embedded: bool = Field(True, description="dev stack starts the PSP sandbox.")
     psp_sandbox_latency_ms: float = Field(5.0, description="Sandbox's added latency (mean).")

@@ -59,9 +59,13 @@ def events_for(reader: TopicReader, payment_id: str, count: int = 1) -> list[dic
 
 
 def sandbox_charges(live: Settings) -> list[dict[str, Any]]:
-    with urllib.request.urlopen(f"{live.psp_alpha_url}/sandbox/charges", timeout=5) as r:  # noqa: S310
-        body = json.loads(r.read())
-    return list(body["charges"] if isinstance(body, dict) else body)
+    """Ground truth of every sandbox PSP: every intent each one created."""
+    charges: list[dict[str, Any]] = []
+    for psp in live.psp_endpoints():
+        with urllib.request.urlopen(f"{psp.url}/sandbox/charges", timeout=5) as r:  # noqa: S310
+            body = json.loads(r.read())
+        charges.extend(body["charges"] if isinstance(body, dict) else body)
+    return charges
 
 
 def command(payment_id: str, **fields: Any) -> bytes:
@@ -95,7 +99,11 @@ async def test_automatic_capture_posts_ledger_and_status(
     assert event["type"] == "payment.captured"
     assert event["status"] == "captured"
     assert event["amount_captured"] == 12_345
-    assert event["psp"] == "alpha" and event["psp_reference"]
+    # Routing by cost: above USD 25.00 beta (2.5% + 0.40) is cheaper than alpha (2.9% + 0.30).
+    assert event["psp"] == "beta" and event["psp_reference"]
+    assert [c["payment_id"] for c in sandbox_charges(live) if c.get("payment_id") == payment] == [
+        payment
+    ]
 
     fee = fee_for(12_345, live.fee_bps, live.fee_fixed_minor)
     conn = await asyncpg.connect(live.pg_dsn)

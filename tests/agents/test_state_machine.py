@@ -19,6 +19,7 @@ from psp.protocol import (
     RefundRequest,
     VoidRequest,
 )
+from psp.routing import PspCapability, Router, RoutingTable
 
 
 class ApprovingPsp:
@@ -86,7 +87,11 @@ def test_invariants_hold_for_any_command_sequence(
     sequence: list[tuple[str, str, int | None]],
 ) -> None:
     psp = ApprovingPsp()
-    processor = CommandProcessor(Executor(psp, "fake", 290, 30))
+    table = RoutingTable(
+        psps={"fake": PspCapability("fake", frozenset({"USD"}), fee_bps=0, fee_fixed=0)},
+        fallback_order=("fake",),
+    )
+    processor = CommandProcessor(Executor(Router([psp], table), 290, 30))
     state: PaymentState | None = None
     seen_terminal: str | None = None
     fingerprints: dict[str, str] = {}
