@@ -6,12 +6,15 @@ build one in-process with :func:`create_app`. See :mod:`psp.sandbox.app` for the
 
 from psp.sandbox.app import DEFAULT_TIMEOUT_HOLD_S, SANDBOX_STATE, create_app
 from psp.sandbox.server import main, serve
-from psp.sandbox.state import TOKENS, SandboxState
+from psp.sandbox.state import BANK_TOKENS, TOKENS, SandboxState
+from psp.sandbox.webhooks import WebhookDispatcher
 
 __all__ = [
+    "BANK_TOKENS",
     "DEFAULT_TIMEOUT_HOLD_S",
     "SANDBOX_STATE",
     "TOKENS",
+    "WebhookDispatcher",
     "SandboxState",
     "create_app",
     "main",

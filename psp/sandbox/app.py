@@ -18,6 +18,18 @@ Faults: header ``Sandbox-Fault`` with comma-separated ``latency=<ms>``, ``timeou
 ``5xx``, ``429``, ``lost_response``; global rates via ``POST /sandbox/faults``.
 Ground truth: ``GET /sandbox/charges``; ``POST /sandbox/reset``; ``GET /healthz``.
 The ``/sandbox`` and ``/healthz`` routes need no API key (test control plane).
+
+Payouts: ``POST /v1/payouts`` ``{amount, currency, destination, metadata}`` (destination
+``btok_ok`` is paid, ``btok_fail`` fails, both asynchronously with a ``payout.paid`` /
+``payout.failed`` webhook), ``GET /v1/payouts/{id}``; same auth, faults and idempotency.
+
+Webhooks (see :mod:`psp.sandbox.webhooks`): events signed like Stripe's are POSTed to the
+configured URL; ``GET /sandbox/webhooks`` lists the events and their delivery attempts,
+``GET``/``POST /sandbox/webhooks/config`` reads / changes the knobs (url, duplicate_rate,
+reorder, reorder_window, reorder_flush_ms, delay_ms, max_attempts, retry_backoff_ms).
+
+Settlement report: ``GET /sandbox/settlement?date=YYYY-MM-DD`` (``text/csv``, format in
+:mod:`psp.settlement`; no date: every row).
 """
 
 from __future__ import annotations
@@ -26,13 +38,24 @@ import asyncio
 import hashlib
 import json
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, fields
+from datetime import date
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from psp.sandbox.state import ApiError, FaultConfig, IdempotencyEntry, JsonDict, SandboxState
+from psp.sandbox.state import (
+    ApiError,
+    FaultConfig,
+    IdempotencyEntry,
+    JsonDict,
+    SandboxState,
+    WebhookConfig,
+)
+from psp.sandbox.webhooks import WebhookDispatcher
+from psp.settlement import format_settlement_csv
 
 SANDBOX_STATE: web.AppKey[SandboxState] = web.AppKey("sandbox_state", SandboxState)
 """The in-memory state of an app built by :func:`create_app` (``app[SANDBOX_STATE]``)."""
@@ -321,18 +344,7 @@ def _op_create_intent(
             param="capture_method",
             saved=False,
         )
-    raw_meta = params.get("metadata") or {}
-    if not isinstance(raw_meta, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
-    ):
-        raise ApiError(
-            400,
-            "invalid_request_error",
-            "metadata must map strings to strings.",
-            code="parameter_invalid",
-            param="metadata",
-            saved=False,
-        )
+    metadata = _metadata_param(params)
     assert amount is not None and currency is not None  # noqa: S101
     assert payment_method is not None  # noqa: S101
     pi = state.create_intent(
@@ -340,7 +352,7 @@ def _op_create_intent(
         currency=currency.lower(),
         payment_method=payment_method,
         capture_method=capture_method,
-        metadata=dict(raw_meta),
+        metadata=metadata,
         idempotency_key=key,
     )
     return 200, pi.to_json()
@@ -393,6 +405,47 @@ def _op_get_refund(
     state: SandboxState, params: JsonDict, request: web.Request, key: str | None
 ) -> Reply:
     return 200, state.get_refund(request.match_info["id"]).to_json()
+
+
+def _metadata_param(params: JsonDict) -> dict[str, str]:
+    raw_meta = params.get("metadata") or {}
+    if not isinstance(raw_meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
+    ):
+        raise ApiError(
+            400,
+            "invalid_request_error",
+            "metadata must map strings to strings.",
+            code="parameter_invalid",
+            param="metadata",
+            saved=False,
+        )
+    return dict(raw_meta)
+
+
+def _op_create_payout(
+    state: SandboxState, params: JsonDict, request: web.Request, key: str | None
+) -> Reply:
+    amount = _int_param(params, "amount", required=True)
+    currency = _str_param(params, "currency", required=True)
+    destination = _str_param(params, "destination", required=True)
+    metadata = _metadata_param(params)
+    assert amount is not None and currency is not None  # noqa: S101
+    assert destination is not None  # noqa: S101
+    payout = state.create_payout(
+        amount=amount,
+        currency=currency.lower(),
+        destination=destination,
+        metadata=metadata,
+        idempotency_key=key,
+    )
+    return 200, payout.to_json()
+
+
+def _op_get_payout(
+    state: SandboxState, params: JsonDict, request: web.Request, key: str | None
+) -> Reply:
+    return 200, state.get_payout(request.match_info["id"]).to_json()
 
 
 def _route(operation: Operation) -> Callable[[web.Request], Any]:
@@ -455,6 +508,97 @@ async def _release_holds(app: web.Application) -> None:
     app[SANDBOX_STATE].released.set()
 
 
+async def _webhooks(request: web.Request) -> web.Response:
+    state = request.app[SANDBOX_STATE]
+    wanted = request.query.get("type")
+    return web.json_response(
+        [e.summary() for e in state.events.values() if wanted is None or e.type == wanted]
+    )
+
+
+async def _get_webhook_config(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SANDBOX_STATE].webhook.to_json())
+
+
+def _config_error(message: str) -> ApiError:
+    return ApiError(400, "invalid_request_error", message, saved=False)
+
+
+def _number(name: str, raw: object, *, integer: bool = False) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise _config_error(f"{name} must be a number")
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise _config_error(f"{name} must be a number") from exc
+    if value < 0 or value != value:  # negative or NaN
+        raise _config_error(f"{name} must not be negative")
+    if integer and (not value.is_integer() or value < 1):
+        raise _config_error(f"{name} must be a positive integer")
+    return value
+
+
+def _apply_webhook_config(current: WebhookConfig, params: JsonDict) -> WebhookConfig:
+    known = {f.name for f in fields(WebhookConfig)}
+    updated = WebhookConfig(**current.to_json())
+    for name, raw in params.items():
+        if name not in known:
+            raise _config_error(f"Unknown webhook knob: {name}")
+        if name == "url":
+            if raw in (None, ""):
+                updated.url = None
+                continue
+            if not isinstance(raw, str) or urlsplit(raw).scheme not in ("http", "https"):
+                raise _config_error("url must be an http(s) URL or null")
+            updated.url = raw
+        elif name == "reorder":
+            if isinstance(raw, str) and raw.lower() in ("true", "false"):
+                raw = raw.lower() == "true"
+            if not isinstance(raw, bool):
+                raise _config_error("reorder must be a boolean")
+            updated.reorder = raw
+        elif name in ("reorder_window", "max_attempts"):
+            setattr(updated, name, int(_number(name, raw, integer=True)))
+        else:
+            value = _number(name, raw)
+            if name == "duplicate_rate" and value > 1.0:
+                raise _config_error("duplicate_rate must be within 0..1")
+            setattr(updated, name, value)
+    return updated
+
+
+async def _set_webhook_config(request: web.Request) -> web.Response:
+    state = request.app[SANDBOX_STATE]
+    try:
+        params = await _read_params(request)
+        state.webhook = _apply_webhook_config(state.webhook, params)
+    except ApiError as err:
+        return _error_response(err)
+    return web.json_response(state.webhook.to_json())
+
+
+async def _settlement(request: web.Request) -> web.Response:
+    state = request.app[SANDBOX_STATE]
+    raw = request.query.get("date")
+    day: date | None = None
+    if raw:
+        try:
+            day = date.fromisoformat(raw)
+        except ValueError:
+            return _error_response(_config_error(f"date must be YYYY-MM-DD, got {raw!r}"))
+    text = format_settlement_csv(state.settlement_rows(day))
+    return web.Response(text=text, content_type="text/csv", charset="utf-8")
+
+
+async def _webhook_dispatcher(app: web.Application) -> AsyncIterator[None]:
+    dispatcher = WebhookDispatcher(app[SANDBOX_STATE])
+    await dispatcher.start()
+    try:
+        yield
+    finally:
+        await dispatcher.stop()
+
+
 def create_app(
     name: str,
     api_key: str,
@@ -463,14 +607,25 @@ def create_app(
     *,
     timeout_hold_s: float = DEFAULT_TIMEOUT_HOLD_S,
     seed: int | None = None,
+    webhook_url: str | None = None,
+    fee_bps: int = 290,
+    fee_fixed: int = 30,
+    dispute_fee: int = 1500,
+    async_delay_ms: float = 0.0,
 ) -> web.Application:
     """Build one sandbox PSP.
 
     ``latency_ms`` is the default processing latency of every API call;
     ``timeout_hold_s`` how long a ``timeout`` fault holds its answer (held requests are
-    released at shutdown); ``seed`` makes the global fault rates reproducible.
-    ``webhook_secret`` is kept for signed webhooks (not emitted yet).
+    released at shutdown); ``seed`` makes the global fault rates (and webhook
+    duplication / shuffling) reproducible. Webhooks are signed with ``webhook_secret``
+    and POSTed to ``webhook_url`` (none: only recorded). ``fee_bps`` / ``fee_fixed``
+    (minor units) are the fee on a captured charge, ``dispute_fee`` on a dispute, in the
+    settlement report. ``async_delay_ms`` delays asynchronous outcomes (disputes,
+    failed-refund webhooks, payout results).
     """
+    if fee_bps < 0 or fee_fixed < 0 or dispute_fee < 0 or async_delay_ms < 0:
+        raise ValueError("fees and async_delay_ms must not be negative")
     app = web.Application()
     app[SANDBOX_STATE] = SandboxState(
         name=name,
@@ -479,8 +634,14 @@ def create_app(
         faults=FaultConfig(latency_ms=latency_ms),
         timeout_hold_s=timeout_hold_s,
         rng=random.Random(seed),  # noqa: S311 - fault injection, not cryptography
+        fee_bps=fee_bps,
+        fee_fixed=fee_fixed,
+        dispute_fee=dispute_fee,
+        async_delay_s=async_delay_ms / 1000.0,
+        webhook=WebhookConfig(url=webhook_url),
     )
     app.on_shutdown.append(_release_holds)
+    app.cleanup_ctx.append(_webhook_dispatcher)
     app.router.add_post("/v1/payment_intents", _route(_op_create_intent))
     app.router.add_get("/v1/payment_intents", _route(_op_list))
     app.router.add_get("/v1/payment_intents/{id}", _route(_op_retrieve))
@@ -488,9 +649,15 @@ def create_app(
     app.router.add_post("/v1/payment_intents/{id}/cancel", _route(_op_cancel))
     app.router.add_post("/v1/refunds", _route(_op_refund))
     app.router.add_get("/v1/refunds/{id}", _route(_op_get_refund))
+    app.router.add_post("/v1/payouts", _route(_op_create_payout))
+    app.router.add_get("/v1/payouts/{id}", _route(_op_get_payout))
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/sandbox/charges", _charges)
     app.router.add_post("/sandbox/reset", _reset)
     app.router.add_get("/sandbox/faults", _get_faults)
     app.router.add_post("/sandbox/faults", _set_faults)
+    app.router.add_get("/sandbox/webhooks", _webhooks)
+    app.router.add_get("/sandbox/webhooks/config", _get_webhook_config)
+    app.router.add_post("/sandbox/webhooks/config", _set_webhook_config)
+    app.router.add_get("/sandbox/settlement", _settlement)
     return app

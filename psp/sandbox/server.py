@@ -29,15 +29,30 @@ async def serve(
     latency_ms: float = 0.0,
     timeout_hold_s: float = DEFAULT_TIMEOUT_HOLD_S,
     seed: int | None = None,
+    webhook_url: str | None = None,
+    fee_bps: int = 290,
+    fee_fixed: int = 30,
+    dispute_fee: int = 1500,
+    async_delay_ms: float = 0.0,
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serve one sandbox PSP on ``host:port`` until cancelled or ``stop`` is set.
 
-    ``ready`` is set once the socket listens.
+    ``ready`` is set once the socket listens. Other options: see :func:`create_app`.
     """
     app = create_app(
-        name, api_key, webhook_secret, latency_ms, timeout_hold_s=timeout_hold_s, seed=seed
+        name,
+        api_key,
+        webhook_secret,
+        latency_ms,
+        timeout_hold_s=timeout_hold_s,
+        seed=seed,
+        webhook_url=webhook_url,
+        fee_bps=fee_bps,
+        fee_fixed=fee_fixed,
+        dispute_fee=dispute_fee,
+        async_delay_ms=async_delay_ms,
     )
     runner = web.AppRunner(app, shutdown_timeout=1.0)
     await runner.setup()
@@ -66,6 +81,11 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         latency_ms=args.latency_ms,
         timeout_hold_s=args.timeout_hold_s,
         seed=args.seed,
+        webhook_url=args.webhook_url,
+        fee_bps=args.fee_bps,
+        fee_fixed=args.fee_fixed,
+        dispute_fee=args.dispute_fee,
+        async_delay_ms=args.async_delay_ms,
         stop=stop,
     )
 
@@ -80,6 +100,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--timeout-hold-s", type=float, default=DEFAULT_TIMEOUT_HOLD_S)
     parser.add_argument("--seed", type=int, default=None, help="seed for global fault rates")
+    parser.add_argument(
+        "--webhook-url", default=None, help="where signed webhook events are POSTed (default: none)"
+    )
+    parser.add_argument("--fee-bps", type=int, default=290, help="charge fee, basis points")
+    parser.add_argument("--fee-fixed", type=int, default=30, help="charge fee, minor units")
+    parser.add_argument("--dispute-fee", type=int, default=1500, help="minor units")
+    parser.add_argument(
+        "--async-delay-ms",
+        type=float,
+        default=0.0,
+        help="delay of disputes, failed-refund webhooks and payout results",
+    )
     return parser
 
 

@@ -1,20 +1,35 @@
-"""In-memory state of one sandbox PSP: payment intents, refunds, idempotency records, faults.
+"""In-memory state of one sandbox PSP: payment intents, refunds, disputes, payouts,
+idempotency records, faults and the webhook events it emitted.
 
 All mutations are synchronous (no ``await`` inside), so on a single event loop every API
 operation is atomic. Business rules (magic tokens, capture / cancel / refund rules) live
 here too and raise :class:`ApiError` with Stripe's error shape.
+
+Every state change emits a Stripe-shaped webhook event (:meth:`SandboxState.emit`),
+recorded in ``events`` and handed to the ``sink`` (the app's webhook dispatcher, when
+running). Asynchronous outcomes (a dispute on a ``tok_createDispute`` charge, the failure
+of a ``tok_refundFail`` refund's webhook, a payout's resolution) are run by
+``sink.later`` after ``async_delay_s``; without a sink they happen at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Literal
+from datetime import UTC, date, datetime
+from functools import partial
+from typing import Any, Literal, Protocol
+
+from psp.settlement import SettlementRow
 
 JsonDict = dict[str, Any]
+
+API_VERSION = "2024-06-20"
+"""The Stripe API version the sandbox's objects and events claim to follow."""
 
 
 class ApiError(Exception):
@@ -97,8 +112,26 @@ TOKENS: dict[str, TokenBehaviour] = {
 """Stripe test-token names understood by the sandbox."""
 
 
+BANK_TOKENS: dict[str, bool] = {"btok_ok": True, "btok_fail": False}
+"""Payout destinations understood by the sandbox: token -> whether the payout succeeds."""
+
+
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def _unix(moment: datetime) -> int:
+    return int(moment.timestamp())
+
+
+def charge_id(intent_id: str) -> str:
+    """The id of the (single) charge of a payment intent: ``pi_X`` -> ``ch_X``."""
+    return "ch_" + intent_id.removeprefix("pi_")
+
+
+def fee_for(amount: int, fee_bps: int, fee_fixed: int) -> int:
+    """``amount * fee_bps / 10_000`` rounded half-up, plus ``fee_fixed`` (integers only)."""
+    return (amount * fee_bps + 5_000) // 10_000 + fee_fixed
 
 
 @dataclass
@@ -143,6 +176,7 @@ class PaymentIntent:
     disputed: bool = False
     cancellation_reason: str | None = None
     refunds: list[Refund] = field(default_factory=list)
+    captured_at: datetime | None = None
 
     @property
     def amount_refunded(self) -> int:
@@ -169,6 +203,29 @@ class PaymentIntent:
             "created": int(self.created.timestamp()),
         }
 
+    def charge_json(self) -> JsonDict:
+        """A Stripe ``charge`` object for this intent (used by ``charge.*`` events)."""
+        return {
+            "id": charge_id(self.id),
+            "object": "charge",
+            "amount": self.amount,
+            "amount_captured": self.amount_received,
+            "amount_refunded": self.amount_refunded,
+            "captured": self.amount_received > 0,
+            "refunded": 0 < self.amount_received <= self.amount_refunded,
+            "currency": self.currency,
+            "payment_intent": self.id,
+            "payment_method": self.payment_method,
+            "status": "succeeded" if self.amount_received > 0 else "pending",
+            "metadata": dict(self.metadata),
+            "refunds": {
+                "object": "list",
+                "data": [r.to_json() for r in self.refunds],
+                "has_more": False,
+            },
+            "created": _unix(self.created),
+        }
+
     def ground_truth(self, psp: str) -> JsonDict:
         return {
             "id": self.id,
@@ -186,6 +243,135 @@ class PaymentIntent:
             "disputed": self.disputed,
             "created": self.created.isoformat(),
         }
+
+
+@dataclass
+class Dispute:
+    id: str
+    payment_intent: str
+    amount: int
+    currency: str
+    created: datetime
+    status: str = "needs_response"
+    reason: str = "fraudulent"
+
+    def to_json(self) -> JsonDict:
+        return {
+            "id": self.id,
+            "object": "dispute",
+            "amount": self.amount,
+            "currency": self.currency,
+            "charge": charge_id(self.payment_intent),
+            "payment_intent": self.payment_intent,
+            "reason": self.reason,
+            "status": self.status,
+            "created": _unix(self.created),
+        }
+
+
+@dataclass
+class Payout:
+    id: str
+    amount: int
+    currency: str
+    destination: str
+    metadata: dict[str, str]
+    created: datetime
+    idempotency_key: str | None
+    status: str = "pending"
+    failure_code: str | None = None
+    failure_message: str | None = None
+
+    def to_json(self) -> JsonDict:
+        return {
+            "id": self.id,
+            "object": "payout",
+            "amount": self.amount,
+            "currency": self.currency,
+            "destination": self.destination,
+            "status": self.status,
+            "failure_code": self.failure_code,
+            "failure_message": self.failure_message,
+            "metadata": dict(self.metadata),
+            "arrival_date": _unix(self.created),
+            "created": _unix(self.created),
+        }
+
+
+@dataclass
+class WebhookEvent:
+    """One emitted event; ``body`` is its exact JSON, identical on every delivery."""
+
+    id: str
+    type: str
+    created: datetime
+    body: bytes
+    copies: int = 0
+    """Deliveries scheduled: 1, or 2 when duplicated (0 when no webhook URL was set)."""
+    attempts: int = 0
+    delivered: int = 0
+    """Copies the receiver acknowledged with a 2xx."""
+    last_status: int | None = None
+    last_error: str | None = None
+    url: str | None = None
+
+    @property
+    def payload(self) -> JsonDict:
+        loaded: JsonDict = json.loads(self.body)
+        return loaded
+
+    def summary(self) -> JsonDict:
+        return {
+            "id": self.id,
+            "type": self.type,
+            "created": _unix(self.created),
+            "url": self.url,
+            "copies": self.copies,
+            "attempts": self.attempts,
+            "delivered": self.delivered,
+            "last_status": self.last_status,
+            "last_error": self.last_error,
+            "object_id": self.payload["data"]["object"].get("id"),
+        }
+
+
+@dataclass
+class WebhookConfig:
+    """Webhook delivery knobs (``POST /sandbox/webhooks/config``)."""
+
+    url: str | None = None
+    duplicate_rate: float = 0.0
+    """Probability (0..1) that an event is delivered twice (same event id)."""
+    reorder: bool = False
+    """Buffer up to ``reorder_window`` events and deliver them shuffled."""
+    reorder_window: int = 4
+    reorder_flush_ms: float = 20.0
+    """A partly filled reorder buffer is flushed after this long without new events."""
+    delay_ms: float = 0.0
+    """Delay before the first delivery attempt of each event."""
+    max_attempts: int = 4
+    retry_backoff_ms: float = 100.0
+    """Backoff before the 2nd attempt; doubled for each further attempt."""
+
+    def to_json(self) -> JsonDict:
+        return {
+            "url": self.url,
+            "duplicate_rate": self.duplicate_rate,
+            "reorder": self.reorder,
+            "reorder_window": self.reorder_window,
+            "reorder_flush_ms": self.reorder_flush_ms,
+            "delay_ms": self.delay_ms,
+            "max_attempts": self.max_attempts,
+            "retry_backoff_ms": self.retry_backoff_ms,
+        }
+
+
+class EventSink(Protocol):
+    """Where the state hands emitted events and deferred work (the webhook dispatcher)."""
+
+    def publish(self, event: WebhookEvent) -> None: ...
+
+    def later(self, delay_s: float, action: Callable[[], None]) -> None: ...
 
 
 @dataclass
@@ -232,12 +418,80 @@ class SandboxState:
     idempotency: dict[str, IdempotencyEntry] = field(default_factory=dict)
     released: asyncio.Event = field(default_factory=asyncio.Event)
     """Set on shutdown: wakes every request held by a ``timeout`` fault."""
+    fee_bps: int = 290
+    fee_fixed: int = 30
+    dispute_fee: int = 1500
+    async_delay_s: float = 0.0
+    """Delay of asynchronous outcomes: disputes, failed-refund webhooks, payout results."""
+    webhook: WebhookConfig = field(default_factory=WebhookConfig)
+    disputes: dict[str, Dispute] = field(default_factory=dict)
+    payouts: dict[str, Payout] = field(default_factory=dict)
+    events: dict[str, WebhookEvent] = field(default_factory=dict)
+    sink: EventSink | None = None
+    generation: int = 0
+    """Bumped by :meth:`reset`: deferred work from before a reset is dropped."""
 
     def reset(self) -> None:
+        self.generation += 1
         self.intents.clear()
         self.refunds.clear()
+        self.disputes.clear()
+        self.payouts.clear()
+        self.events.clear()
         self.idempotency.clear()
         self.faults = FaultConfig(latency_ms=self.faults.latency_ms)
+
+    # --- events -----------------------------------------------------------------------
+
+    def emit(self, event_type: str, obj: JsonDict) -> WebhookEvent:
+        """Record a Stripe-shaped event about ``obj`` and hand it to the sink."""
+        created = datetime.now(UTC)
+        event_id = _new_id("evt")
+        payload: JsonDict = {
+            "id": event_id,
+            "object": "event",
+            "api_version": API_VERSION,
+            "created": _unix(created),
+            "livemode": False,
+            "type": event_type,
+            "data": {"object": obj},
+        }
+        body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+        event = WebhookEvent(id=event_id, type=event_type, created=created, body=body)
+        self.events[event_id] = event
+        if self.sink is not None:
+            self.sink.publish(event)
+        return event
+
+    def later(self, action: Callable[[], None]) -> None:
+        """Run ``action`` after ``async_delay_s`` (at once without a sink), unless reset."""
+        generation = self.generation
+
+        def guarded() -> None:
+            if self.generation == generation:
+                action()
+
+        if self.sink is None:
+            guarded()
+        else:
+            self.sink.later(self.async_delay_s, guarded)
+
+    def _captured(self, pi: PaymentIntent) -> None:
+        pi.captured_at = datetime.now(UTC)
+        self.emit("payment_intent.succeeded", pi.to_json())
+        if pi.disputed:
+            self.later(lambda: self._open_dispute(pi))
+
+    def _open_dispute(self, pi: PaymentIntent) -> None:
+        dispute = Dispute(
+            id=_new_id("dp"),
+            payment_intent=pi.id,
+            amount=pi.amount_received,
+            currency=pi.currency,
+            created=datetime.now(UTC),
+        )
+        self.disputes[dispute.id] = dispute
+        self.emit("charge.dispute.created", dispute.to_json())
 
     def intent(self, intent_id: str) -> PaymentIntent:
         found = self.intents.get(intent_id)
@@ -286,6 +540,7 @@ class SandboxState:
         self.intents[pi.id] = pi
         if behaviour.result == "requires_action":
             pi.status = "requires_action"
+            self.emit("payment_intent.requires_action", pi.to_json())
         elif behaviour.result == "decline":
             pi.last_payment_error = {
                 "type": "card_error",
@@ -293,6 +548,7 @@ class SandboxState:
                 "decline_code": behaviour.decline_code,
                 "message": behaviour.message,
             }
+            self.emit("payment_intent.payment_failed", pi.to_json())
             raise ApiError(
                 402,
                 "card_error",
@@ -304,9 +560,11 @@ class SandboxState:
         elif capture_method == "manual":
             pi.status = "requires_capture"
             pi.amount_capturable = amount
+            self.emit("payment_intent.amount_capturable_updated", pi.to_json())
         else:
             pi.status = "succeeded"
             pi.amount_received = amount
+            self._captured(pi)
         return pi
 
     def capture(self, intent_id: str, amount_to_capture: int | None) -> PaymentIntent:
@@ -326,6 +584,7 @@ class SandboxState:
         pi.amount_received = amount
         pi.amount_capturable = 0
         pi.status = "succeeded"
+        self._captured(pi)
         return pi
 
     def cancel(self, intent_id: str, reason: str | None) -> PaymentIntent:
@@ -336,6 +595,7 @@ class SandboxState:
         pi.status = "canceled"
         pi.amount_capturable = 0
         pi.cancellation_reason = reason
+        self.emit("payment_intent.canceled", pi.to_json())
         return pi
 
     def refund(
@@ -375,12 +635,17 @@ class SandboxState:
         )
         reported = "succeeded"
         if pi.refund_fails:
-            # Accepted now, failed "later": the response says pending, reads say failed.
+            # Accepted now, failed "later": the response says pending, reads say failed
+            # at once (read-your-writes), the charge.refund.updated webhook comes later.
             refund.status = "failed"
             refund.failure_reason = "expired_or_canceled_card"
             reported = "pending"
         pi.refunds.append(refund)
         self.refunds[refund.id] = refund
+        if pi.refund_fails:
+            self.later(partial(self._refund_failed, refund))
+        else:
+            self.emit("charge.refunded", pi.charge_json())
         return refund, reported
 
     def get_refund(self, refund_id: str) -> Refund:
@@ -394,6 +659,130 @@ class SandboxState:
                 param="id",
             )
         return found
+
+    def _refund_failed(self, refund: Refund) -> None:
+        self.emit("charge.refund.updated", refund.to_json())
+
+    # --- payouts ----------------------------------------------------------------------
+
+    def create_payout(
+        self,
+        *,
+        amount: int,
+        currency: str,
+        destination: str,
+        metadata: dict[str, str],
+        idempotency_key: str | None,
+    ) -> Payout:
+        """A ``pending`` payout; it becomes ``paid`` or ``failed`` later (with a webhook)."""
+        succeeds = BANK_TOKENS.get(destination)
+        if succeeds is None:
+            raise ApiError(
+                400,
+                "invalid_request_error",
+                f"No such external account: '{destination}'",
+                code="resource_missing",
+                param="destination",
+            )
+        payout = Payout(
+            id=_new_id("po"),
+            amount=amount,
+            currency=currency,
+            destination=destination,
+            metadata=metadata,
+            created=datetime.now(UTC),
+            idempotency_key=idempotency_key,
+        )
+        self.payouts[payout.id] = payout
+        self.emit("payout.created", payout.to_json())
+        self.later(lambda: self._resolve_payout(payout, succeeds))
+        return payout
+
+    def _resolve_payout(self, payout: Payout, succeeds: bool) -> None:
+        if succeeds:
+            payout.status = "paid"
+            self.emit("payout.paid", payout.to_json())
+        else:
+            payout.status = "failed"
+            payout.failure_code = "account_closed"
+            payout.failure_message = "The bank account has been closed."
+            self.emit("payout.failed", payout.to_json())
+
+    def get_payout(self, payout_id: str) -> Payout:
+        found = self.payouts.get(payout_id)
+        if found is None:
+            raise ApiError(
+                404,
+                "invalid_request_error",
+                f"No such payout: '{payout_id}'",
+                code="resource_missing",
+                param="id",
+            )
+        return found
+
+    # --- settlement -------------------------------------------------------------------
+
+    def settlement_rows(self, day: date | None = None) -> list[SettlementRow]:
+        """The settlement report's rows (see :mod:`psp.settlement`), on ``day`` (UTC) or all.
+
+        Charges carry ``fee_bps``/``fee_fixed`` on the captured amount, disputes
+        ``dispute_fee``; refunds and payouts carry no fee. Failed refunds and payouts are
+        listed with their status (they move no money).
+        """
+        rows: list[SettlementRow] = []
+        for pi in self.intents.values():
+            if pi.captured_at is not None and pi.amount_received > 0:
+                rows.append(
+                    SettlementRow(
+                        reference=pi.id,
+                        type="charge",
+                        amount=pi.amount_received,
+                        currency=pi.currency,
+                        fee=fee_for(pi.amount_received, self.fee_bps, self.fee_fixed),
+                        status="succeeded",
+                        timestamp=pi.captured_at,
+                    )
+                )
+        for refund in self.refunds.values():
+            rows.append(
+                SettlementRow(
+                    reference=refund.id,
+                    type="refund",
+                    amount=refund.amount,
+                    currency=refund.currency,
+                    fee=0,
+                    status=refund.status,
+                    timestamp=refund.created,
+                )
+            )
+        for dispute in self.disputes.values():
+            rows.append(
+                SettlementRow(
+                    reference=dispute.payment_intent,
+                    type="dispute",
+                    amount=dispute.amount,
+                    currency=dispute.currency,
+                    fee=self.dispute_fee,
+                    status=dispute.status,
+                    timestamp=dispute.created,
+                )
+            )
+        for payout in self.payouts.values():
+            rows.append(
+                SettlementRow(
+                    reference=payout.id,
+                    type="payout",
+                    amount=payout.amount,
+                    currency=payout.currency,
+                    fee=0,
+                    status=payout.status,
+                    timestamp=payout.created,
+                )
+            )
+        if day is not None:
+            rows = [row for row in rows if row.timestamp.astimezone(UTC).date() == day]
+        rows.sort(key=lambda row: (row.timestamp, row.type, row.reference))
+        return rows
 
 
 def _unexpected_state(pi: PaymentIntent, action: str, expected: str) -> ApiError:
