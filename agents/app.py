@@ -122,6 +122,7 @@ class Resources:
                     api_key=psp.api_key,
                     timeout=s.psp_timeout_seconds,
                     connection_limit=s.psp_max_in_flight,
+                    webhook_secrets=(psp.webhook_secret,),
                 )
                 for psp in s.psp_endpoints()
             ]

@@ -185,7 +185,10 @@ class EmbeddedStack:
         return f"redis://127.0.0.1:{port}/0"
 
     def _start_sandbox(self, log: Callable[[str], None]) -> None:
+        from psp.routing import default_routing_table
+
         s = self.settings
+        fees = default_routing_table().psps
         for psp in s.psp_endpoints():
             port = urlparse(psp.url).port or 80
             if port_open("127.0.0.1", port):
@@ -202,6 +205,8 @@ class EmbeddedStack:
                     "--api-key", psp.api_key,
                     "--webhook-secret", psp.webhook_secret,
                     "--latency-ms", str(s.psp_sandbox_latency_ms),
+                    "--fee-bps", str(fees[psp.name].fee_bps),
+                    "--fee-fixed", str(fees[psp.name].fee_fixed),
                 ],
             )
         for psp in s.psp_endpoints():

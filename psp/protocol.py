@@ -32,9 +32,12 @@ Amounts are ``int`` minor units everywhere; floats are refused by validation.
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Annotated, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from psp.settlement import SettlementRow
 
 MAX_AMOUNT_MINOR = 10**12 - 1
 """Largest amount in minor units a request may carry (same bound as ``schemas.money``)."""
@@ -94,6 +97,39 @@ class RefundRequest(_Request):
     amount: PositiveMinorUnits
 
 
+class PayoutRequest(BaseModel):
+    """Pay a merchant's funds out to a bank account token (``btok_...``)."""
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+    attempt_id: Identifier
+    payout_id: Identifier
+    merchant_id: Identifier
+    amount: PositiveMinorUnits
+    currency: CurrencyCode
+    destination: Identifier
+
+
+class PspNotification(BaseModel):
+    """A verified PSP webhook, normalised: what happened to which payment at the PSP."""
+
+    model_config = ConfigDict(frozen=True)
+
+    psp: str
+    event_id: str
+    """The PSP's event id (deduplication key)."""
+    type: str
+    """The PSP's event type, e.g. ``payment_intent.succeeded``."""
+    psp_reference: str | None = None
+    payment_id: str | None = None
+    """Our payment id, when the PSP echoes it (metadata)."""
+    status: str | None = None
+    amount: MinorUnits = 0
+    currency: str | None = None
+    created: int = 0
+    """The PSP's event time, Unix seconds."""
+
+
 class PspResult(BaseModel):
     """What one PSP call produced; see the module docstring for ``outcome``."""
 
@@ -142,6 +178,19 @@ class PspAdapter(Protocol):
         authorize call that created it (for when that call's response was lost). Exactly
         one of the two must be given. Nothing found: outcome ``unknown``, status
         :data:`STATUS_NOT_FOUND`."""
+        ...
+
+    async def payout(self, req: PayoutRequest) -> PspResult:
+        """Send funds to a bank token; ``psp_reference`` is the PSP's payout id."""
+        ...
+
+    def parse_webhook(self, payload: bytes, signature_header: str) -> PspNotification:
+        """Verify a webhook's signature over the raw body (raises ``SignatureError``) and
+        normalise it."""
+        ...
+
+    async def settlement_report(self, day: date | None = None) -> list[SettlementRow]:
+        """The PSP's settlement rows for one UTC day (all days when None)."""
         ...
 
     async def close(self) -> None:

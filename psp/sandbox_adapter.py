@@ -22,6 +22,8 @@ Transport failures map to outcomes (see :mod:`psp.protocol`):
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from datetime import date
 from typing import Any
 
 import aiohttp
@@ -31,10 +33,14 @@ from psp.protocol import (
     STATUS_NOT_FOUND,
     AuthorizeRequest,
     CaptureRequest,
+    PayoutRequest,
+    PspNotification,
     PspResult,
     RefundRequest,
     VoidRequest,
 )
+from psp.settlement import SettlementError, SettlementRow, parse_settlement_csv
+from psp.webhooks import SignatureError, verify_signature
 
 JsonDict = dict[str, Any]
 
@@ -85,6 +91,7 @@ class SandboxAdapter:
         session: aiohttp.ClientSession | None = None,
         *,
         connection_limit: int = 100,
+        webhook_secrets: Sequence[str] = (),
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
@@ -95,6 +102,7 @@ class SandboxAdapter:
         self._session = session
         self._owns_session = session is None
         self._connection_limit = connection_limit
+        self._webhook_secrets = tuple(webhook_secrets)
 
     @property
     def name(self) -> str:
@@ -297,6 +305,63 @@ class SandboxAdapter:
             return self._result("succeeded", **fields)
         reason = _as_str(refund.get("failure_reason")) or "refund_failed"
         return self._result("declined", decline_code=reason, **fields)
+
+    async def payout(self, req: PayoutRequest) -> PspResult:
+        answer = await self._call(
+            "POST",
+            "/v1/payouts",
+            idempotency_key=req.attempt_id,
+            body={
+                "amount": req.amount,
+                "currency": req.currency.lower(),
+                "destination": req.destination,
+                "metadata": {"payout_id": req.payout_id, "merchant_id": req.merchant_id},
+            },
+        )
+        if isinstance(answer, PspResult) or answer.status != 200:
+            return self._map(answer)
+        payout = answer.body
+        status = _as_str(payout.get("status"))
+        fields: JsonDict = {"psp_reference": _as_str(payout.get("id")), "status": status}
+        if status == "failed":
+            reason = _as_str(payout.get("failure_code")) or "payout_failed"
+            return self._result("declined", decline_code=reason, **fields)
+        return self._result("succeeded", **fields)
+
+    def parse_webhook(self, payload: bytes, signature_header: str) -> PspNotification:
+        if not self._webhook_secrets:
+            raise SignatureError(f"no webhook secret configured for PSP {self._name}")
+        verify_signature(payload, signature_header, self._webhook_secrets)
+        event = json.loads(payload)
+        obj = event.get("data", {}).get("object", {}) if isinstance(event, dict) else {}
+        metadata = obj.get("metadata") or {}
+        reference = obj.get("payment_intent") if obj.get("object") != "payment_intent" else None
+        return PspNotification(
+            psp=self._name,
+            event_id=str(event["id"]),
+            type=str(event["type"]),
+            psp_reference=_as_str(reference) or _as_str(obj.get("id")),
+            payment_id=_as_str(metadata.get("payment_id")),
+            status=_as_str(obj.get("status")),
+            amount=_as_int(obj.get("amount")),
+            currency=(_as_str(obj.get("currency")) or "").upper() or None,
+            created=_as_int(event.get("created")),
+        )
+
+    async def settlement_report(self, day: date | None = None) -> list[SettlementRow]:
+        query = {"date": day.isoformat()} if day is not None else None
+        try:
+            async with self._get_session().get(
+                self._base_url + "/sandbox/settlement",
+                params=query,
+                headers={"Authorization": f"Bearer {self._api_key}"},
+                timeout=self._timeout,
+            ) as response:
+                response.raise_for_status()
+                text = await response.text()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise SettlementError(f"{self._name}: settlement report unavailable: {exc}") from exc
+        return parse_settlement_csv(text)
 
     async def retrieve(
         self, *, psp_reference: str | None = None, attempt_id: str | None = None

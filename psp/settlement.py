@@ -11,7 +11,8 @@ One row per money movement the PSP reports, with exactly these columns::
 - ``type``: ``charge`` | ``refund`` | ``dispute`` | ``payout``.
 - ``amount``: positive integer in minor units; the direction comes from ``type``
   (a refund, a dispute or a payout takes money out of the merchant's balance).
-- ``currency``: lower-case ISO 4217 code.
+- ``currency``: lower-case ISO 4217 code in the file (Stripe's style);
+  :func:`parse_settlement_csv` returns it upper-case, as everywhere else in paystream.
 - ``fee``: the PSP's fee for that row, integer minor units, never negative.
 - ``status``: the PSP's status of the object (``succeeded``, ``failed``, ``pending``,
   ``paid``, ``needs_response``, ...).
@@ -27,7 +28,14 @@ from collections.abc import Iterable
 from datetime import UTC
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 __all__ = [
     "SETTLEMENT_COLUMNS",
@@ -64,9 +72,15 @@ class SettlementRow(BaseModel):
     type: SettlementType
     amount: int = Field(ge=0, strict=True)
     currency: str = Field(min_length=3, max_length=3)
+    """Upper-case ISO 4217 (normalised on the way in; the file itself is lower-case)."""
     fee: int = Field(ge=0, strict=True)
     status: str = Field(min_length=1)
     timestamp: AwareDatetime
+
+    @field_validator("currency")
+    @classmethod
+    def _upper_case(cls, value: str) -> str:
+        return value.upper()
 
 
 def _rfc3339(row: SettlementRow) -> str:
@@ -80,7 +94,8 @@ def format_settlement_csv(rows: Iterable[SettlementRow]) -> str:
     writer.writerow(SETTLEMENT_COLUMNS)
     for row in rows:
         writer.writerow(
-            [row.reference, row.type, row.amount, row.currency, row.fee, row.status, _rfc3339(row)]
+            [row.reference, row.type, row.amount, row.currency.lower(), row.fee, row.status,
+             _rfc3339(row)]
         )
     return out.getvalue()
 

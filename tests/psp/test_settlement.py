@@ -135,7 +135,7 @@ async def test_report_lists_charge_refund_dispute_payout(sandbox: Sandbox) -> No
     assert (charge.amount, charge.fee, charge.currency, charge.status) == (
         2000,
         fee_for(2000, 290, 30),
-        "eur",
+        "EUR",  # normalised upper-case
         "succeeded",
     )
     assert charge.fee == 88  # 2000 * 2.9% = 58, + 30
