@@ -19,7 +19,14 @@ from sinks.migrations import migrate
 
 DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
-LEDGER_TABLES = ("ledger_entries", "ledger_transactions", "ledger_accounts")
+LEDGER_TABLES = (
+    "ledger_entries",
+    "ledger_transactions",
+    "ledger_accounts",
+    "ledger_holds",
+    "ledger_payments",
+    "merchant_fees",
+)
 
 
 def admin_dsn() -> str:

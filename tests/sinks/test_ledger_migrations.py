@@ -35,6 +35,8 @@ async def test_migrate_is_idempotent(fresh_database: FreshDatabase) -> None:
         assert [t["tablename"] for t in tables] == [
             "ledger_accounts",
             "ledger_entries",
+            "ledger_holds",
+            "ledger_payments",
             "ledger_transactions",
         ]
     finally:

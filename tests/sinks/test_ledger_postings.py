@@ -294,7 +294,13 @@ async def test_verify_reports_a_tampered_entry(ledger_conn: asyncpg.Connection) 
         await tr.rollback()
     assert not report.ok
     kinds = {v.kind for v in report.violations}
-    assert kinds == {"currency_imbalance", "transaction_imbalance", "balance_mismatch"}
+    # (the tampered clearing entry no longer matches the payment's captured amount either)
+    assert kinds == {
+        "currency_imbalance",
+        "transaction_imbalance",
+        "balance_mismatch",
+        "payment_mismatch",
+    }
     imbalance = next(v for v in report.violations if v.kind == "transaction_imbalance")
     assert imbalance.event_id == "e2" and "-7" in imbalance.detail
     mismatch = next(v for v in report.violations if v.kind == "balance_mismatch")
