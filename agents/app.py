@@ -42,6 +42,7 @@ from psp.sandbox_adapter import SandboxAdapter
 from schemas.dlq import DlqEnvelope, scrub_payload
 from schemas.events import PaymentEvent
 from sinks import ledger, status
+from sinks.ledger_events import check_postable, post_payment_events
 from sinks.migrations import migrate
 from topics import catalog as cat
 
@@ -257,16 +258,8 @@ def create_app(settings: Settings) -> faust.App:
                 verdict = parse_command(event.value)
                 if isinstance(verdict, DeadLetter):
                     metrics.COMMANDS.labels("unknown", "dlq").inc()
-                    metrics.DLQ_RECORDS.labels("intake", verdict.reason).inc()
-                    publisher.publish(
-                        cat.COMMANDS_DLQ,
-                        event.key,
-                        scrub_payload(event.value) if event.value is not None else None,
-                        dead_letter_headers(
-                            event, "intake", verdict.reason, verdict.error_type,
-                            verdict.message, group,
-                        ),
-                    )
+                    dead_letter(publisher, event, "intake", verdict.reason, verdict.error_type,
+                                verdict.message)
                 elif isinstance(verdict, Rejected):
                     reply = rejection(None, verdict.envelope, verdict.reason)
                     metrics.COMMANDS.labels(verdict.envelope.type, reply.type).inc()
@@ -305,20 +298,25 @@ def create_app(settings: Settings) -> faust.App:
     def publish_event(publisher: EventPublisher, event: PaymentEvent) -> None:
         publisher.publish(cat.EVENTS, event.payment_id.encode(), event.model_dump_json().encode())
 
-    def dead_letter_unexpected(
-        publisher: EventPublisher, event: Any, stage: str, exc: Exception
+    def dead_letter(
+        publisher: EventPublisher, event: Any, stage: str, reason: str, error_type: str,
+        message: str,
     ) -> None:
-        log.exception("unexpected error in %s at %s[%s]@%s", stage, event.message.topic,
-                      event.message.partition, event.message.offset)
-        metrics.DLQ_RECORDS.labels(stage, "unexpected_error").inc()
+        metrics.DLQ_RECORDS.labels(stage, reason).inc()
         dlq = cat.COMMANDS_DLQ if event.message.topic == cat.COMMANDS else cat.EVENTS_DLQ
         publisher.publish(
             dlq,
             event.key,
             scrub_payload(event.value) if event.value is not None else None,
-            dead_letter_headers(event, stage, "unexpected_error", type(exc).__name__,
-                                str(exc)[:1000], group),
+            dead_letter_headers(event, stage, reason, error_type, message[:1000], group),
         )
+
+    def dead_letter_unexpected(
+        publisher: EventPublisher, event: Any, stage: str, exc: Exception
+    ) -> None:
+        log.exception("unexpected error in %s at %s[%s]@%s", stage, event.message.topic,
+                      event.message.partition, event.message.offset)
+        dead_letter(publisher, event, stage, "unexpected_error", type(exc).__name__, str(exc))
 
     # ---------------------------------------------------------------- sinks
     @app.agent(events_topic, name="apply_events")
@@ -337,23 +335,30 @@ def create_app(settings: Settings) -> faust.App:
     ) -> None:
         metrics.BATCH_SIZE.labels("apply_events").observe(len(batch))
         parsed: list[PaymentEvent] = []
-        postings: list[ledger.CapturePosting] = []
+        origin: dict[str, Any] = {}
         for event in batch:
             try:
                 payment_event = PaymentEvent.model_validate_json(event.value)
-                if payment_event.type == "payment.captured" and not payment_event.replayed:
-                    postings.append(capture_posting(payment_event))
+                check_postable(payment_event)
                 parsed.append(payment_event)
+                origin.setdefault(payment_event.event_id, event)
             except Exception as exc:  # noqa: BLE001 - unusable event -> DLQ, not a crash loop
                 dead_letter_unexpected(publisher, event, "sink", exc)
 
+        rejected: list[ledger.Rejection] = []
+
         async def write(events: list[PaymentEvent] = parsed) -> None:
             async with pool.acquire() as conn, conn.transaction():
-                posted = await ledger.post_captures(conn, postings)
+                posted, refused = await post_payment_events(conn, events)
                 await status.apply_events(conn, events)
-            metrics.LEDGER_POSTINGS.labels("capture").inc(posted)
+            rejected[:] = refused
+            metrics.LEDGER_POSTINGS.labels("payment").inc(posted)
 
         await with_infra_retries("writing the ledger and status", write)
+        for refusal in rejected:
+            # The ledger refused what the state machine allowed: park it for a human.
+            dead_letter(publisher, origin[refusal.event_id], "ledger", refusal.reason,
+                        "LedgerRejection", refusal.detail)
         await with_infra_retries("publishing dead letters", publisher.flush)
         now = datetime.now(UTC)
         for e in parsed:
@@ -399,17 +404,3 @@ def create_app(settings: Settings) -> faust.App:
 
     return app
 
-
-def capture_posting(event: PaymentEvent) -> ledger.CapturePosting:
-    """The ledger posting of a ``payment.captured`` event (raises if it cannot be one)."""
-    if event.currency is None:
-        raise ValueError(f"captured event {event.event_id} has no currency")
-    return ledger.CapturePosting(
-        event_id=event.event_id,
-        payment_id=event.payment_id,
-        merchant_id=event.merchant_id,
-        amount=event.amount_captured_now,
-        fee=event.fee,
-        currency=event.currency,
-        occurred_at=event.occurred_at,
-    )

@@ -34,6 +34,7 @@ def build_event(
         "psp_reference": state.psp_reference if state else None,
         "sequence": state.sequence if state else 0,
         "command_created_at": envelope.created_at,
+        "capture_method": state.capture_method if state else None,
     }
     fields.update(extra)
     return PaymentEvent.model_validate(fields)

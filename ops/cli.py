@@ -272,6 +272,76 @@ def ledger_verify() -> None:
     console.print("ledger balanced: yes")
 
 
+async def _with_db(action: Any) -> Any:
+    import asyncpg
+
+    conn = await asyncpg.connect(get_settings().pg_dsn)
+    try:
+        return await action(conn)
+    finally:
+        await conn.close()
+
+
+@ledger_app.command("balance")
+def ledger_balance(merchant: Annotated[str, typer.Option(help="Merchant id.")]) -> None:
+    """A merchant's available, pending (held) and receivable balances per currency."""
+    from rich.table import Table
+
+    from schemas.money import Money
+    from sinks import ledger
+
+    balances = asyncio.run(_with_db(lambda conn: ledger.merchant_balances(conn, merchant)))
+    table = Table(title=f"balances of {merchant}")
+    for column in ("currency", "available", "pending", "receivable"):
+        table.add_column(column, justify="right")
+    for currency, balance in sorted(balances.items()):
+        table.add_row(
+            currency,
+            *(str(Money.of(value, currency)) if value >= 0 else f"-{Money.of(-value, currency)}"
+              for value in (balance.available, balance.pending, balance.receivable)),
+        )
+    console.print(table)
+
+
+@ledger_app.command("statement")
+def ledger_statement(
+    merchant: Annotated[str, typer.Option(help="Merchant id.")],
+    out: Annotated[Path | None, typer.Option(help="CSV file; default: standard output.")] = None,
+) -> None:
+    """Export a merchant's ledger statement as CSV (exact minor units, running balances)."""
+    from sinks import ledger
+
+    rows = asyncio.run(_with_db(lambda conn: ledger.merchant_statement_rows(conn, merchant)))
+    text = ledger.statement_csv(rows)
+    if out is None:
+        print(text, end="")  # noqa: T201 - CSV on stdout
+    else:
+        out.write_text(text)
+        console.print(f"wrote {len(rows)} rows to {out}")
+
+
+bench_app = typer.Typer(help="Benchmarks (numbers, never pass/fail).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("ledger")
+def bench_ledger_command(
+    postings: Annotated[int, typer.Option(help="Postings per scenario.")] = 20_000,
+    batch: Annotated[int, typer.Option(help="Postings per database round trip.")] = 1_000,
+    dsn: Annotated[
+        str | None, typer.Option(help="Server to use (a throwaway database is created).")
+    ] = None,
+) -> None:
+    """Ledger postings/s, spread over many merchants and on one hot merchant account."""
+    from ops.bench import bench_ledger
+
+    server = dsn or get_settings().pg_dsn
+    if server == EMBEDDED:
+        console.print("[red]set PAYSTREAM_PG_DSN or --dsn to a PostgreSQL server[/]")
+        raise typer.Exit(2)
+    console.print(bench_ledger(server, postings, batch))
+
+
 def main() -> None:
     app()
 

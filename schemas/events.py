@@ -89,6 +89,9 @@ class PaymentEvent(BaseModel):
     fee: Annotated[StrictInt, Field(ge=0)] = Field(
         0, description="Processing fee of amount_captured_now, minor units."
     )
+    capture_method: Literal["automatic", "manual"] | None = Field(
+        None, description="The payment's capture method (manual captures draw on a hold)."
+    )
     command_created_at: AwareDatetime | None = Field(
         None, description="created_at of the command that caused this event (latency)."
     )

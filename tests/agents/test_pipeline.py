@@ -326,3 +326,37 @@ async def test_poison_event_goes_to_events_dlq_and_sink_keeps_applying(
     assert record.value() == poison
     envelope = DlqEnvelope.from_headers(record.headers())
     assert envelope.stage == "sink" and envelope.original_topic == EVENTS
+
+
+async def test_manual_payment_holds_then_captures_against_the_hold(
+    live: Settings, client: PaymentsClient, events: TopicReader
+) -> None:
+    from tests.conftest import async_wait_for
+
+    merchant = unique("m")
+    payment = unique("pay")
+    client.authorize(merchant_id=merchant, payment_id=payment, idempotency_key="a",
+                     amount=8_000, currency="USD", payment_method="tok_visa",
+                     capture_method="manual")
+    client.capture(merchant_id=merchant, payment_id=payment, idempotency_key="c", amount=5_000)
+    client.flush()
+    events_for(events, payment, count=2)
+    conn = await asyncpg.connect(live.pg_dsn)
+    try:
+        async def hold() -> Any:
+            row = await conn.fetchrow(
+                "SELECT amount, captured FROM ledger_holds WHERE payment_id = $1", payment
+            )
+            return row if row is not None and row["captured"] == 5_000 else None
+
+        row = await async_wait_for(hold)
+        assert row["amount"] == 8_000
+        from sinks import ledger
+
+        balances = await ledger.merchant_balances(conn, merchant)
+        fee = fee_for(5_000, live.fee_bps, live.fee_fixed_minor)
+        assert balances["USD"].available == 5_000 - fee
+        assert balances["USD"].pending == 3_000  # the rest of the hold
+        assert (await ledger.verify(conn)).ok
+    finally:
+        await conn.close()
