@@ -20,7 +20,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -36,11 +36,13 @@ from agents.output import EventPublisher
 from agents.processor import CommandProcessor
 from agents.state import PaymentState
 from config.settings import Settings
+from psp.protocol import STATUS_NOT_FOUND
 from psp.registry import GuardSettings, build_router
 from psp.routing import Router, default_routing_table
 from psp.sandbox_adapter import SandboxAdapter
 from schemas.dlq import DlqEnvelope, scrub_payload
 from schemas.events import PaymentEvent
+from schemas.internal import ResolvePayment, VerifyRequest
 from sinks import ledger, status
 from sinks.ledger_events import check_postable, post_payment_events
 from sinks.migrations import migrate
@@ -205,6 +207,7 @@ def create_app(settings: Settings) -> faust.App:
         stream_wait_empty=False,
     )
     group = settings.app_id
+    tiers = cat.verify_tiers(settings)
     resources = Resources(settings)
 
     def raw_topic(name: str) -> Any:
@@ -217,7 +220,15 @@ def create_app(settings: Settings) -> faust.App:
             partitions=settings.partitions,
         )
 
-    commands_topic = raw_topic(cat.COMMANDS)
+    commands_topic = app.topic(
+        cat.COMMANDS,
+        cat.INTERNAL,  # co-partitioned: resolutions reach the payment's only writer
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+    )
     events_topic = raw_topic(cat.EVENTS)
     state_table = app.Table(
         cat.PAYMENT_STATE_TABLE,
@@ -241,20 +252,29 @@ def create_app(settings: Settings) -> faust.App:
             ):
                 metrics.BATCH_SIZE.labels("process_commands").observe(len(batch))
                 try:
-                    await process_command_batch(batch, publisher, processor)
+                    changes = await process_command_batch(batch, publisher, processor)
                 except Exception as exc:  # noqa: BLE001 - never let Faust ack this batch
                     fail_stop(f"unexpected error in process_commands: {exc!r}")
                 await with_infra_retries("publishing events", publisher.flush)
+                # State goes to the changelog only once the batch's events are durable, so
+                # a restored state never claims an outcome whose event was lost.
+                for key, (partition, value) in changes.items():
+                    state_table.send_changelog(partition, key, value)
         finally:
             await resources.close()
         yield None  # pragma: no cover - makes this an async generator for Faust's typing
 
     async def process_command_batch(
         batch: Sequence[Any], publisher: EventPublisher, processor: CommandProcessor
-    ) -> None:
-        per_payment: dict[bytes, list[tuple[Any, Accepted]]] = {}
+    ) -> dict[bytes, tuple[int, bytes]]:
+        """Process one batch; returns the payments' new states to write to the changelog."""
+        per_payment: dict[bytes, list[tuple[Any, Accepted | ResolvePayment]]] = {}
         for event in batch:
             try:
+                if event.message.topic == cat.INTERNAL:
+                    answer = ResolvePayment.model_validate_json(event.value)
+                    per_payment.setdefault(answer.payment_id.encode(), []).append((event, answer))
+                    continue
                 verdict = parse_command(event.value)
                 if isinstance(verdict, DeadLetter):
                     metrics.COMMANDS.labels("unknown", "dlq").inc()
@@ -270,30 +290,64 @@ def create_app(settings: Settings) -> faust.App:
             except Exception as exc:  # noqa: BLE001 - never let one record ack silently
                 dead_letter_unexpected(publisher, event, "intake", exc)
 
-        async def run_payment(key: bytes, items: list[tuple[Any, Accepted]]) -> None:
+        changes: dict[bytes, tuple[int, bytes]] = {}
+
+        async def run_payment(
+            key: bytes, items: list[tuple[Any, Accepted | ResolvePayment]]
+        ) -> None:
             try:
                 raw_state = state_table.data.get(key)
                 state = PaymentState.model_validate_json(raw_state) if raw_state else None
             except Exception as exc:  # noqa: BLE001 - unreadable state: park its commands
-                for event, _accepted in items:
+                for event, _item in items:
                     dead_letter_unexpected(publisher, event, "state", exc)
                 return
-            for event, accepted in items:
+            for event, item in items:
+                kind: str
                 try:
                     working = state.model_copy(deep=True) if state is not None else None
-                    new_state, outputs = await processor.handle(working, accepted)
+                    if isinstance(item, ResolvePayment):
+                        new_state, outputs = processor.resolve(working, item)
+                        kind = item.type
+                    else:
+                        new_state, outputs = await processor.handle(working, item)
+                        kind = item.command.type
                     for output in outputs:
-                        metrics.COMMANDS.labels(accepted.command.type, output.type).inc()
+                        metrics.COMMANDS.labels(kind, output.type).inc()
                         publish_event(publisher, output)
                     if new_state is not None and new_state != state:
+                        if new_state.pending is not None and (
+                            state is None or state.pending != new_state.pending
+                        ):
+                            request_verification(publisher, new_state)
                         value = new_state.model_dump_json().encode()
                         state_table.data[key] = value
-                        state_table.send_changelog(event.message.partition, key, value)
+                        changes[key] = (event.message.partition, value)
                         state = new_state
                 except Exception as exc:  # noqa: BLE001 - one payment must not stop others
                     dead_letter_unexpected(publisher, event, "executor", exc)
 
         await asyncio.gather(*(run_payment(k, v) for k, v in per_payment.items()))
+        return changes
+
+    def request_verification(publisher: EventPublisher, state: PaymentState) -> None:
+        """Queue a lookup of the state's pending attempt in the first delay tier."""
+        pending = state.pending
+        if pending is None or state.psp is None:
+            return
+        first_tier, delay = tiers[0]
+        request = VerifyRequest(
+            payment_id=state.payment_id,
+            merchant_id=state.merchant_id,
+            psp=state.psp,
+            operation=pending.operation,
+            attempt_id=pending.attempt_id,
+            psp_reference=state.psp_reference,
+            expected_captured=state.amount_captured + pending.amount,
+            due_at=datetime.now(UTC) + timedelta(seconds=delay),
+        )
+        publisher.publish(first_tier, state.payment_id.encode(),
+                          request.model_dump_json().encode())
 
     def publish_event(publisher: EventPublisher, event: PaymentEvent) -> None:
         publisher.publish(cat.EVENTS, event.payment_id.encode(), event.model_dump_json().encode())
@@ -317,6 +371,82 @@ def create_app(settings: Settings) -> faust.App:
         log.exception("unexpected error in %s at %s[%s]@%s", stage, event.message.topic,
                       event.message.partition, event.message.offset)
         dead_letter(publisher, event, stage, "unexpected_error", type(exc).__name__, str(exc))
+
+    # ---------------------------------------------------------------- unknown outcomes
+    def make_resolver(tier: int, topic_name: str, delay: float) -> None:
+        @app.agent(raw_topic(topic_name), name=f"resolve_unknown_tier{tier + 1}")
+        async def resolve_unknown(stream: Any) -> AsyncIterator[None]:
+            publisher = EventPublisher(settings)
+            async for batch in stream.take_events(settings.batch_max, within=settings.batch_within):
+                try:
+                    await resolve_batch(tier, delay, batch, publisher)
+                except Exception as exc:  # noqa: BLE001 - never let Faust ack this batch
+                    fail_stop(f"unexpected error in resolver {topic_name}: {exc!r}")
+                await with_infra_retries("publishing lookups", publisher.flush)
+            yield None  # pragma: no cover
+
+    async def resolve_batch(
+        tier: int, delay: float, batch: Sequence[Any], publisher: EventPublisher
+    ) -> None:
+        requests: list[tuple[Any, VerifyRequest]] = []
+        for event in batch:
+            try:
+                requests.append((event, VerifyRequest.model_validate_json(event.value)))
+            except Exception as exc:  # noqa: BLE001 - unreadable request -> DLQ
+                dead_letter_unexpected(publisher, event, "resolver", exc)
+        if not requests:
+            return
+        # A tier has one delay, so its records are due in arrival order: wait for the last.
+        wait = (max(r.due_at for _, r in requests) - datetime.now(UTC)).total_seconds()
+        if wait > 0:
+            await asyncio.sleep(min(wait, delay))
+        router = resources.psps()
+
+        async def look_up(event: Any, request: VerifyRequest) -> None:
+            try:
+                adapter = router.adapter(request.psp)
+                if request.operation == "authorize":
+                    result = await adapter.retrieve(attempt_id=request.attempt_id)
+                else:
+                    result = await adapter.retrieve(psp_reference=request.psp_reference)
+                lookups = request.lookups + 1
+                metrics.VERIFY_LOOKUPS.labels(request.psp, result.outcome).inc()
+                if result.outcome != "unknown":
+                    answer = ResolvePayment(
+                        payment_id=request.payment_id, attempt_id=request.attempt_id,
+                        operation=request.operation, psp=request.psp, found=True,
+                        status=result.status, psp_reference=result.psp_reference,
+                        amount_captured=result.amount_captured,
+                        decline_code=result.decline_code, message=result.message,
+                    )
+                elif lookups >= settings.verify_max_lookups:
+                    if result.status == STATUS_NOT_FOUND:
+                        # Looked for long enough: the request never reached the PSP.
+                        answer = ResolvePayment(
+                            payment_id=request.payment_id, attempt_id=request.attempt_id,
+                            operation=request.operation, psp=request.psp, found=False,
+                        )
+                    else:  # the PSP keeps failing: park it for an operator, still pending
+                        dead_letter(publisher, event, "resolver", "unresolved", "Unresolved",
+                                    result.message or "PSP lookups kept failing")
+                        return
+                else:
+                    next_topic, next_delay = tiers[min(tier + 1, len(tiers) - 1)]
+                    retry = request.model_copy(update={
+                        "lookups": lookups,
+                        "due_at": datetime.now(UTC) + timedelta(seconds=next_delay),
+                    })
+                    publisher.publish(next_topic, event.key, retry.model_dump_json().encode())
+                    return
+                publisher.publish(cat.INTERNAL, request.payment_id.encode(),
+                                  answer.model_dump_json().encode())
+            except Exception as exc:  # noqa: BLE001 - one lookup must not stop the others
+                dead_letter_unexpected(publisher, event, "resolver", exc)
+
+        await asyncio.gather(*(look_up(event, request) for event, request in requests))
+
+    for tier_index, (tier_topic, tier_delay) in enumerate(tiers):
+        make_resolver(tier_index, tier_topic, tier_delay)
 
     # ---------------------------------------------------------------- sinks
     @app.agent(events_topic, name="apply_events")
@@ -382,7 +512,9 @@ def create_app(settings: Settings) -> faust.App:
     @app.page("/metrics")
     class MetricsView(faust.web.View):
         async def get(self, request: Any) -> Any:
-            return self.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+            # aiohttp refuses a charset inside content_type; the exposition format is UTF-8.
+            content_type = CONTENT_TYPE_LATEST.split(";")[0] + "; version=0.0.4"
+            return self.bytes(generate_latest(), content_type=content_type)
 
     @app.page("/healthz")
     class HealthView(faust.web.View):

@@ -12,11 +12,12 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from agents.events import build_event, rejection
-from agents.state import PaymentState, TransitionError, check_capture
+from agents.state import PaymentState, PendingAttempt, TransitionError, check_capture
 from psp.protocol import AuthorizeRequest, CaptureRequest, PspResult
 from psp.routing import NO_ROUTE_CODE, Router, is_rate_limited
 from schemas.commands import AuthorizePayment, CapturePayment, CommandEnvelope
 from schemas.events import EventType, PaymentEvent, PaymentStatus
+from schemas.internal import ResolvePayment
 from schemas.money import fee_for
 
 RETRY_DELAYS_SECONDS = (0.05, 0.2)
@@ -130,6 +131,7 @@ class Executor:
                     reason=result.message,
                 )
             case "unknown":
+                state.pending = pending_attempt(state, command, "authorize", command.amount)
                 return self.event(
                     state,
                     command,
@@ -176,6 +178,7 @@ class Executor:
                 fee=fee, amount_captured_now=amount,
             )
         if result.outcome == "unknown":
+            state.pending = pending_attempt(state, command, "capture", amount)
             return self.event(
                 state,
                 command,
@@ -191,3 +194,87 @@ class Executor:
             decline_code=result.decline_code,
             reason=f"capture failed: psp_{result.outcome}: {result.message or 'no detail'}",
         )
+
+    # -- unknown outcomes ---------------------------------------------------------------
+    def resolve(self, state: PaymentState, answer: ResolvePayment) -> PaymentEvent | None:
+        """Apply the PSP's answer about a pending attempt; None when it is stale."""
+        pending = state.pending
+        if (
+            state.status != "pending_verification"
+            or pending is None
+            or pending.attempt_id != answer.attempt_id
+        ):
+            return None  # already resolved, or an answer about another attempt
+        envelope = CommandEnvelope(
+            type="authorize_payment" if pending.operation == "authorize" else "capture_payment",
+            schema_version=1,
+            command_id=pending.command_id,
+            merchant_id=state.merchant_id,
+            idempotency_key=pending.idempotency_key,
+            payment_id=state.payment_id,
+            created_at=pending.command_created_at,
+        )
+        state.pending = None
+        if answer.psp_reference:
+            state.psp_reference = answer.psp_reference
+        if pending.operation == "authorize":
+            return self._resolve_authorize(state, envelope, answer, pending.amount)
+        return self._resolve_capture(state, envelope, answer, pending.amount)
+
+    def _resolve_authorize(
+        self, state: PaymentState, envelope: CommandEnvelope, answer: ResolvePayment, amount: int
+    ) -> PaymentEvent:
+        if not answer.found:
+            return self.event(
+                state, envelope, "payment.failed", "failed",
+                reason="the PSP has no record of the attempt: nothing was charged",
+            )
+        match answer.status:
+            case "succeeded":
+                state.amount_captured = amount
+                fee = fee_for(amount, self._fee_bps, self._fee_fixed)
+                return self.event(
+                    state, envelope, "payment.captured", "captured",
+                    fee=fee, amount_captured_now=amount,
+                )
+            case "requires_capture":
+                return self.event(state, envelope, "payment.authorized", "authorized")
+            case "requires_action":
+                return self.event(state, envelope, "payment.requires_action", "requires_action")
+            case "canceled":
+                return self.event(state, envelope, "payment.canceled", "canceled")
+            case _:
+                return self.event(
+                    state, envelope, "payment.declined", "declined",
+                    decline_code=answer.decline_code, reason=answer.message,
+                )
+
+    def _resolve_capture(
+        self, state: PaymentState, envelope: CommandEnvelope, answer: ResolvePayment, amount: int
+    ) -> PaymentEvent:
+        if answer.found and answer.amount_captured >= state.amount_captured + amount:
+            state.amount_captured += amount
+            fee = fee_for(amount, self._fee_bps, self._fee_fixed)
+            return self.event(
+                state, envelope, "payment.captured", "captured",
+                fee=fee, amount_captured_now=amount,
+            )
+        return self.event(
+            state, envelope, "payment.failed", "authorized",
+            reason="the capture did not happen at the PSP; the authorization stands",
+        )
+
+
+def pending_attempt(
+    state: PaymentState, command: CommandEnvelope, operation: str, amount: int
+) -> PendingAttempt:
+    """The attempt just made (the last attempt id), to look up later."""
+    return PendingAttempt(
+        operation="authorize" if operation == "authorize" else "capture",
+        attempt_id=attempt_id(state.payment_id, operation, state.attempts),
+        amount=amount,
+        command_id=command.command_id,
+        idempotency_key=command.idempotency_key,
+        command_created_at=command.created_at,
+    )
+

@@ -29,3 +29,8 @@ BATCH_SIZE = Histogram(
 LEDGER_POSTINGS = Counter(
     "paystream_ledger_postings_total", "Ledger transactions newly posted.", ["kind"]
 )
+VERIFY_LOOKUPS = Counter(
+    "paystream_psp_verify_lookups_total",
+    "Lookups of unknown PSP outcomes, by PSP and lookup outcome.",
+    ["psp", "outcome"],
+)

@@ -12,6 +12,7 @@ from agents.intake import Accepted
 from agents.state import IdempotencyRecord, PaymentState
 from schemas.commands import AuthorizePayment, CapturePayment
 from schemas.events import PaymentEvent
+from schemas.internal import ResolvePayment
 
 
 class CommandProcessor:
@@ -66,3 +67,13 @@ class CommandProcessor:
             fingerprint=accepted.fingerprint, events=[event.model_dump_json()]
         )
         return state, [event]
+
+    def resolve(
+        self, state: PaymentState | None, answer: ResolvePayment
+    ) -> tuple[PaymentState | None, list[PaymentEvent]]:
+        """Apply a PSP lookup's answer; stale or duplicate answers change nothing."""
+        if state is None:
+            return None, []
+        event = self._executor.resolve(state, answer)
+        return state, [event] if event is not None else []
+

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from schemas.events import PaymentStatus
 
@@ -28,6 +28,20 @@ class IdempotencyRecord(BaseModel):
     events: list[str] = Field(default_factory=list, description="JSON of emitted events.")
 
 
+class PendingAttempt(BaseModel):
+    """A PSP call whose outcome is unknown, and the command that made it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    operation: Literal["authorize", "capture"]
+    attempt_id: str
+    amount: int
+    """Amount of the call (authorized or to capture)."""
+    command_id: str
+    idempotency_key: str
+    command_created_at: AwareDatetime
+
+
 class PaymentState(BaseModel):
     """Everything the command processor knows about one payment."""
 
@@ -43,6 +57,7 @@ class PaymentState(BaseModel):
     psp_reference: str | None = None
     sequence: int = 0
     attempts: int = 0
+    pending: PendingAttempt | None = None
     commands: dict[str, IdempotencyRecord] = Field(
         default_factory=dict, description="idempotency_key -> record (merchant-scoped)."
     )

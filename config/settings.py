@@ -78,6 +78,15 @@ class Settings(BaseSettings):
         SecretStr("whsec_beta"), description="Signing secret of PSP beta's webhooks."
     )
     psp_timeout_seconds: float = Field(5.0, description="PSP HTTP timeout; after it, UNKNOWN.")
+    verify_delays_seconds: list[float] = Field(
+        [1.0, 10.0, 60.0],
+        description="Delay tiers (topics payments.verify.tierN) for looking up unknown PSP "
+        "outcomes; JSON list.",
+        min_length=1,
+    )
+    verify_max_lookups: int = Field(
+        5, description="PSP lookups of an unknown outcome before giving up (then DLQ)."
+    )
     psp_breaker_failures: int = Field(
         5, description="Consecutive failures that open a PSP's circuit breaker."
     )

@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 
 from config.settings import EMBEDDED, Settings, get_settings
+from ops.dlq_cli import dlq_app
+from ops.offsets_cli import offsets_app
 
 app = typer.Typer(help="paystream: Kafka-native payment processing.", no_args_is_help=True)
 topics_app = typer.Typer(help="Create and verify the topic catalog.", no_args_is_help=True)
@@ -25,6 +27,8 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(send_app, name="send")
+app.add_typer(offsets_app, name="offsets")
+app.add_typer(dlq_app, name="dlq")
 console = Console()
 
 

@@ -5,7 +5,9 @@
 * ``payment.captured`` of an automatic-capture payment posts the capture directly (the
   PSP authorized and captured in one call, so there is no hold to resolve).
 
-Replayed events (answers to repeated commands) post nothing. Holds are posted before
+Replayed events (answers to repeated commands) are posted like originals: a replay has the
+original's event id, so posting is a no-op when the original was posted and repairs the
+ledger when the original was lost before reaching the broker. Holds are posted before
 captures, so an authorization and its capture in one batch post in the right order.
 """
 
@@ -31,8 +33,6 @@ def _currency(event: PaymentEvent) -> str:
 
 def check_postable(event: PaymentEvent) -> None:
     """Raise :class:`UnpostableEvent` (or a validation error) for an event that cannot post."""
-    if event.replayed:
-        return
     if event.type == "payment.authorized":
         _hold(event)
     elif event.type == "payment.captured":
@@ -84,9 +84,8 @@ async def post_payment_events(
 
     Call :func:`check_postable` on each event first; this function assumes they pass.
     """
-    live = [e for e in events if not e.replayed]
-    holds = [_hold(e) for e in live if e.type == "payment.authorized"]
-    captured = [e for e in live if e.type == "payment.captured"]
+    holds = [_hold(e) for e in events if e.type == "payment.authorized"]
+    captured = [e for e in events if e.type == "payment.captured"]
     hold_captures = [_hold_capture(e) for e in captured if e.capture_method == "manual"]
     direct = [_capture(e) for e in captured if e.capture_method != "manual"]
     posted = 0

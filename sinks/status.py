@@ -2,7 +2,12 @@
 
 ``apply_events`` upserts a batch in one statement per table. A payment's row moves only
 to a higher ``sequence``, so duplicates, replays and redeliveries never regress it.
-Replayed events (answers to repeated commands) are logged but never change the row.
+
+Replayed events (answers to repeated commands) are applied like any other: a replay is a
+copy of the original event (same ``event_id``, same ``sequence``), so it changes nothing
+when the original arrived, and repairs the row when the original was lost (a worker that
+stored its state but crashed before its events reached the broker answers the
+redelivered command with replays).
 """
 
 from __future__ import annotations
@@ -17,8 +22,6 @@ from schemas.events import PaymentEvent
 def _latest_per_payment(events: Sequence[PaymentEvent]) -> list[PaymentEvent]:
     latest: dict[str, PaymentEvent] = {}
     for event in events:
-        if event.replayed:
-            continue
         current = latest.get(event.payment_id)
         if current is None or event.sequence >= current.sequence:
             latest[event.payment_id] = event
@@ -29,7 +32,9 @@ async def apply_events(conn: Any, events: Sequence[PaymentEvent]) -> None:
     """Record ``events`` in the event log and move each payment's row forward."""
     if not events:
         return
-    unique = {event.event_id: event for event in events if not event.replayed}
+    unique: dict[str, PaymentEvent] = {}
+    for event in events:  # the first copy of an event id wins (originals come first)
+        unique.setdefault(event.event_id, event)
     if unique:
         await conn.execute(
             """

@@ -74,6 +74,10 @@ def stack_settings(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Set
         psp_beta_url=f"http://127.0.0.1:{free_port()}",
         psp_sandbox_latency_ms=2.0,
         psp_timeout_seconds=2.0,
+        # Short lookup tiers and enough lookups that a flaky PSP (faults on every call,
+        # lookups included) always resolves within the test's patience.
+        verify_delays_seconds=[0.2, 0.5, 1.0],
+        verify_max_lookups=15,
         app_id=f"paystream-test-{uuid.uuid4().hex[:6]}",
     )
 

@@ -20,6 +20,15 @@ COMMANDS = "payments.commands"
 EVENTS = "payments.events"
 COMMANDS_DLQ = "payments.commands.dlq"
 EVENTS_DLQ = "payments.events.dlq"
+INTERNAL = "payments.internal"
+
+
+def verify_tiers(settings: Settings) -> list[tuple[str, float]]:
+    """Delay tiers for looking up unknown PSP outcomes: (topic, seconds to wait)."""
+    return [
+        (f"payments.verify.tier{n}", delay)
+        for n, delay in enumerate(settings.verify_delays_seconds, start=1)
+    ]
 PAYMENT_STATE_TABLE = "payment_state"
 
 
@@ -69,6 +78,25 @@ def catalog(settings: Settings) -> list[TopicSpec]:
             description="Authoritative payment outcomes (JSON events).",
             retention_ms=30 * DAY_MS,
             replication_factor=rf,
+        ),
+        TopicSpec(
+            name=INTERNAL,
+            partitions=n,
+            key="payment_id",
+            description="Internal commands (PSP lookups resolved); co-partitioned with commands.",
+            retention_ms=7 * DAY_MS,
+            replication_factor=rf,
+        ),
+        *(
+            TopicSpec(
+                name=name,
+                partitions=n,
+                key="payment_id",
+                description=f"Unknown PSP outcomes to look up after {delay:g}s.",
+                retention_ms=7 * DAY_MS,
+                replication_factor=rf,
+            )
+            for name, delay in verify_tiers(settings)
         ),
         TopicSpec(
             name=COMMANDS_DLQ,

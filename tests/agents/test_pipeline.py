@@ -360,3 +360,20 @@ async def test_manual_payment_holds_then_captures_against_the_hold(
         assert (await ledger.verify(conn)).ok
     finally:
         await conn.close()
+
+
+def test_metrics_endpoint_exports_pipeline_metrics(
+    live: Settings, client: PaymentsClient, events: TopicReader
+) -> None:
+    payment = unique("pay")
+    client.authorize(merchant_id="m_metrics", payment_id=payment, idempotency_key="a",
+                     amount=1_000, currency="USD", payment_method="tok_visa")
+    client.flush()
+    events_for(events, payment)
+    url = f"http://{live.web_host}:{live.web_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    assert 'paystream_commands_total{outcome="payment.captured",type="authorize_payment"}' in text
+    assert "paystream_end_to_end_latency_seconds_bucket" in text

@@ -69,16 +69,24 @@ async def test_timeouts_and_lost_responses_charge_each_payment_at_most_once(
                 f"pay_fault_{run}_%",
             )
             found = {row["payment_id"]: row["status"] for row in rows}
-            return found if len(found) == len(payments) else None
+            settled = len(found) == len(payments) and "pending_verification" not in set(
+                found.values()
+            )
+            return found if settled else None
 
+        # Unknown outcomes are looked up at the PSP by attempt id and resolved.
         final = await async_wait_for(statuses, within=240)
+        went_pending = await conn.fetchval(
+            "SELECT count(DISTINCT payment_id) FROM payment_events "
+            "WHERE payment_id LIKE $1 AND type = 'payment.pending_verification'",
+            f"pay_fault_{run}_%",
+        )
     finally:
         await conn.close()
 
-    assert set(final.values()) <= SETTLED, Counter(final.values())
-    counts = Counter(final.values())
-    assert counts["pending_verification"] > 0  # the faults did happen
-    assert counts["captured"] > 0
+    assert went_pending > 0  # the faults did happen
+    # The sandbox charged every timed-out or lost request; resolution found each charge.
+    assert Counter(final.values()) == {"captured": len(payments)}
 
     charges = [c for c in ground_truth(live) if c.get("payment_id") in final]
     charged = Counter(c["payment_id"] for c in charges if c["status"] in CHARGED)
