@@ -144,7 +144,9 @@ class Resources:
                     failure_threshold=s.psp_breaker_failures,
                     open_seconds=s.psp_breaker_open_seconds,
                     max_in_flight=s.psp_max_in_flight,
-                    lease_seconds=max(30.0, 3 * s.psp_timeout_seconds),
+                    # A SIGKILLed worker's slots come back when their leases lapse: just
+                    # longer than any call can take (the PSP timeout), no more.
+                    lease_seconds=2 * s.psp_timeout_seconds + 1,
                     key_prefix=s.app_id,
                 ),
             )
@@ -230,13 +232,14 @@ def create_app(settings: Settings) -> faust.App:
         partitions=settings.partitions,
     )
     events_topic = raw_topic(cat.EVENTS)
+    changelog = cat.changelog_topic(settings.app_id, cat.PAYMENT_STATE_TABLE)
     state_table = app.Table(
         cat.PAYMENT_STATE_TABLE,
         default=None,
         key_type=bytes,
         value_type=bytes,
         partitions=settings.partitions,
-        changelog_topic=raw_topic(cat.changelog_topic(settings.app_id, cat.PAYMENT_STATE_TABLE)),
+        changelog_topic=raw_topic(changelog),
     )
 
     # ---------------------------------------------------------------- command processing
@@ -256,10 +259,13 @@ def create_app(settings: Settings) -> faust.App:
                 except Exception as exc:  # noqa: BLE001 - never let Faust ack this batch
                     fail_stop(f"unexpected error in process_commands: {exc!r}")
                 await with_infra_retries("publishing events", publisher.flush)
-                # State goes to the changelog only once the batch's events are durable, so
-                # a restored state never claims an outcome whose event was lost.
+                # State goes to the changelog only once the batch's events are durable, and
+                # through our producer, flushed before the batch is acked: Faust's own
+                # producer "flush" returns after 0.1 s without progress while records are
+                # still buffered, so Faust can commit offsets past state it never wrote.
                 for key, (partition, value) in changes.items():
-                    state_table.send_changelog(partition, key, value)
+                    publisher.publish(changelog, key, value, partition=partition)
+                await with_infra_retries("writing the state changelog", publisher.flush)
         finally:
             await resources.close()
         yield None  # pragma: no cover - makes this an async generator for Faust's typing

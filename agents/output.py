@@ -35,10 +35,13 @@ class EventPublisher:
         key: bytes | None,
         value: bytes | None,
         headers: list[tuple[str, bytes]] | None = None,
+        partition: int | None = None,
     ) -> None:
         kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": self._on_delivery}
         if headers:
             kwargs["headers"] = headers
+        if partition is not None:
+            kwargs["partition"] = partition
         while True:
             try:
                 self._producer.produce(topic, **kwargs)

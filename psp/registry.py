@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from psp.breaker import RedisCircuitBreaker
+from psp.claims import AttemptClaims
 from psp.limits import RedisConcurrencyLimit
 from psp.protocol import PspAdapter
 from psp.routing import Router, RoutingTable, default_routing_table
@@ -69,5 +70,6 @@ def build_router(
         table or default_routing_table(),
         breakers=breakers,
         limits=limits,
+        claims=AttemptClaims(redis, key_prefix=g.key_prefix),
         slot_timeout=g.slot_timeout,
     )

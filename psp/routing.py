@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from psp.breaker import BreakerPermit, RedisCircuitBreaker
+from psp.claims import AttemptClaims
 from psp.limits import Lease, RedisConcurrencyLimit
 from psp.protocol import AuthorizeRequest, PspAdapter, PspResult
 from schemas.money import fee_for
@@ -237,6 +238,7 @@ class Router:
         *,
         breakers: Mapping[str, RedisCircuitBreaker] | None = None,
         limits: Mapping[str, RedisConcurrencyLimit] | None = None,
+        claims: AttemptClaims | None = None,
         slot_timeout: float = 0.0,
         failover_on_rate_limit: bool = True,
     ) -> None:
@@ -247,6 +249,7 @@ class Router:
         self.table = table
         self._breakers = dict(breakers or {})
         self._limits = dict(limits or {})
+        self._claims = claims
         self._slot_timeout = slot_timeout
         self._failover_on_rate_limit = failover_on_rate_limit
 
@@ -298,6 +301,11 @@ class Router:
                     outcome="declined", psp="", decline_code=NO_ROUTE_CODE, message=decision.reason
                 )
             candidates = decision.candidates
+        if self._claims is not None:
+            owner = await self._claims.owner(req.attempt_id)
+            if owner is not None:
+                # Sent before (a crash lost the record of it): only the owner may see it.
+                return await self._resend_to_owner(owner, req)
         skipped: list[str] = []
         result: PspResult | None = None
         for name in candidates:
@@ -317,6 +325,19 @@ class Router:
             return True
         return self._failover_on_rate_limit and is_rate_limited(result)
 
+    async def _resend_to_owner(self, owner: str, req: AuthorizeRequest) -> PspResult:
+        """Re-send an attempt to the PSP that has it: its idempotency key replays the first
+        answer. Unreachable now, the outcome is unknown (it may have charged), never a
+        failure, and never a failover."""
+        result = await self.adapter(owner).authorize(req)
+        if result.outcome == "not_sent" or is_rate_limited(result):
+            return result.model_copy(update={
+                "outcome": "unknown",
+                "message": f"attempt {req.attempt_id} was sent to {owner} before; "
+                f"{owner} cannot be reached now: {result.message}",
+            })
+        return result
+
     async def _try(self, name: str, req: AuthorizeRequest) -> PspResult:
         """One PSP: breaker, concurrency slot, call, report."""
         breaker = self._breakers.get(name)
@@ -334,7 +355,15 @@ class Router:
                     await breaker.release(permit)
                 return PspResult(outcome="not_sent", psp=name, message="no free concurrency slot")
         try:
+            if self._claims is not None:
+                owner = await self._claims.claim(req.attempt_id, name)
+                if owner != name:  # a concurrent or earlier execution sent it elsewhere
+                    if breaker is not None and permit is not None:
+                        await breaker.release(permit)
+                    return await self._resend_to_owner(owner, req)
             result = await self.adapter(name).authorize(req)
+            if self._claims is not None and result.outcome == "not_sent":
+                await self._claims.release(req.attempt_id, name)  # certainly not received
         finally:
             if limit is not None and lease is not None:
                 await limit.release(lease)

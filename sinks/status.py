@@ -19,11 +19,23 @@ from typing import Any
 from schemas.events import PaymentEvent
 
 
+def _supersedes(new: PaymentEvent, current: PaymentEvent) -> bool:
+    """Whether ``new`` moves a payment's row that shows ``current``.
+
+    A higher sequence wins. At an equal sequence, a resolved outcome replaces
+    ``pending_verification`` (never the reverse): a command re-executed after a crash that
+    lost its state gets its first event again, now with the PSP's real answer.
+    """
+    if new.sequence != current.sequence:
+        return new.sequence > current.sequence
+    return current.status == "pending_verification" and new.status != "pending_verification"
+
+
 def _latest_per_payment(events: Sequence[PaymentEvent]) -> list[PaymentEvent]:
     latest: dict[str, PaymentEvent] = {}
     for event in events:
         current = latest.get(event.payment_id)
-        if current is None or event.sequence >= current.sequence:
+        if current is None or _supersedes(event, current) or event == current:
             latest[event.payment_id] = event
     return list(latest.values())
 
@@ -65,6 +77,9 @@ async def apply_events(conn: Any, events: Sequence[PaymentEvent]) -> None:
                updated_at = now()
          WHERE payment_status.sequence < EXCLUDED.sequence
             OR (payment_status.sequence = 0 AND EXCLUDED.sequence = 0)
+            OR (payment_status.sequence = EXCLUDED.sequence
+                AND payment_status.status = 'pending_verification'
+                AND EXCLUDED.status <> 'pending_verification')
         """,
         [e.payment_id for e in latest],
         [e.merchant_id for e in latest],
