@@ -32,7 +32,7 @@ from agents import metrics
 from agents.events import rejection
 from agents.executor import Executor
 from agents.intake import Accepted, DeadLetter, Rejected, parse_command
-from agents.output import EventPublisher
+from agents.output import EventPublisher, RecordsLost
 from agents.processor import CommandProcessor
 from agents.state import PaymentState
 from config.settings import Settings
@@ -66,6 +66,8 @@ async def with_infra_retries(what: str, action: Callable[[], Awaitable[None]]) -
         try:
             await action()
             return
+        except RecordsLost as exc:  # retrying would ack a batch whose outputs are gone
+            fail_stop(f"{what}: {exc}")
         except Exception as exc:  # noqa: BLE001 - any infrastructure error is retried
             if delay is None:
                 fail_stop(f"{what} failed after retries: {type(exc).__name__}: {exc}")

@@ -17,7 +17,12 @@ from topics.kafka_config import producer_config
 
 
 class DeliveryFailed(RuntimeError):
-    """The broker did not acknowledge some records of a batch."""
+    """The broker did not acknowledge some records of a batch yet (still queued)."""
+
+
+class RecordsLost(DeliveryFailed):
+    """The broker refused some records: they are no longer queued, so flushing again cannot
+    bring them back. The batch must not be acknowledged (stop and let it be redelivered)."""
 
 
 class EventPublisher:
@@ -53,7 +58,7 @@ class EventPublisher:
         """Wait until every record published so far is acknowledged by the broker."""
         remaining = await asyncio.to_thread(self._producer.flush, wait_seconds)
         errors, self._errors = self._errors, []
-        if remaining or errors:
-            raise DeliveryFailed(
-                f"{remaining} records unacknowledged, {len(errors)} failed: {errors[:3]}"
-            )
+        if errors:
+            raise RecordsLost(f"{len(errors)} records refused by the broker: {errors[:3]}")
+        if remaining:
+            raise DeliveryFailed(f"{remaining} records not acknowledged yet")
