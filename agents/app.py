@@ -248,6 +248,7 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(commands_topic, name="process_commands")
     async def process_commands(stream: Any) -> AsyncIterator[None]:
         publisher = EventPublisher(settings)
+        state_writer = EventPublisher(settings, single_record_batches=True)
         processor = CommandProcessor(
             Executor(resources.psps(), settings.fee_bps, settings.fee_fixed_minor)
         )
@@ -266,8 +267,8 @@ def create_app(settings: Settings) -> faust.App:
                 # producer "flush" returns after 0.1 s without progress while records are
                 # still buffered, so Faust can commit offsets past state it never wrote.
                 for key, (partition, value) in changes.items():
-                    publisher.publish(changelog, key, value, partition=partition)
-                await with_infra_retries("writing the state changelog", publisher.flush)
+                    state_writer.publish(changelog, key, value, partition=partition)
+                await with_infra_retries("writing the state changelog", state_writer.flush)
         finally:
             await resources.close()
         yield None  # pragma: no cover - makes this an async generator for Faust's typing
