@@ -316,6 +316,12 @@ def create_app(settings: Settings) -> faust.App:
                 try:
                     working = state.model_copy(deep=True) if state is not None else None
                     if isinstance(item, ResolvePayment):
+                        if working is None:
+                            # The PSP answered for a payment this table does not know: the
+                            # state was lost. Never drop that silently; park it for replay.
+                            dead_letter(publisher, event, "resolver", "unknown_payment",
+                                        "UnknownPayment", f"no state for {item.payment_id}")
+                            continue
                         new_state, outputs = processor.resolve(working, item)
                         kind = item.type
                     else:

@@ -118,6 +118,15 @@ class Settings(BaseSettings):
             ),
         ]
 
+    def with_local_broker(self) -> Settings:
+        """These settings, with an ``embedded`` broker replaced by its local address (for
+        CLI tools talking to a running ``paystream dev`` stack)."""
+        if self.kafka_bootstrap_servers != EMBEDDED:
+            return self
+        return self.model_copy(
+            update={"kafka_bootstrap_servers": f"127.0.0.1:{self.embedded_kafka_port}"}
+        )
+
     def require_real(self) -> None:
         """Fail clearly when a worker is started without concrete service addresses."""
         missing = [

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from config.settings import EMBEDDED, Settings, get_settings
+from config.settings import EMBEDDED, get_settings
 from ops.dlq_cli import dlq_app
 from ops.offsets_cli import offsets_app
 
@@ -30,15 +30,6 @@ app.add_typer(send_app, name="send")
 app.add_typer(offsets_app, name="offsets")
 app.add_typer(dlq_app, name="dlq")
 console = Console()
-
-
-def _settings_for_clients() -> Settings:
-    settings = get_settings()
-    if settings.kafka_bootstrap_servers == EMBEDDED:
-        settings = settings.model_copy(
-            update={"kafka_bootstrap_servers": f"127.0.0.1:{settings.embedded_kafka_port}"}
-        )
-    return settings
 
 
 # ------------------------------------------------------------------------- stack
@@ -150,7 +141,7 @@ def topics_create() -> None:
     """Create every topic of the catalog that is missing, then verify all."""
     from topics.admin import create_topics
 
-    for name, outcome in create_topics(_settings_for_clients()).items():
+    for name, outcome in create_topics(get_settings().with_local_broker()).items():
         console.print(f"{name}: {outcome}")
 
 
@@ -160,7 +151,7 @@ def topics_verify() -> None:
     from topics.admin import TopicProblem, verify_topics
 
     try:
-        names = verify_topics(_settings_for_clients())
+        names = verify_topics(get_settings().with_local_broker())
     except TopicProblem as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from exc
@@ -207,7 +198,7 @@ def send_authorize(
     """Publish an authorize_payment command."""
     from paystream.client import PaymentsClient
 
-    with PaymentsClient(_settings_for_clients().kafka_bootstrap_servers) as client:
+    with PaymentsClient(get_settings().with_local_broker().kafka_bootstrap_servers) as client:
         command = client.authorize(
             merchant_id=merchant,
             payment_id=payment,
@@ -230,7 +221,7 @@ def send_capture(
     """Publish a capture_payment command."""
     from paystream.client import PaymentsClient
 
-    with PaymentsClient(_settings_for_clients().kafka_bootstrap_servers) as client:
+    with PaymentsClient(get_settings().with_local_broker().kafka_bootstrap_servers) as client:
         command = client.capture(
             merchant_id=merchant,
             payment_id=payment,

@@ -47,7 +47,7 @@ import asyncpg
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from pydantic import ValidationError
 
-from config.settings import EMBEDDED, Settings
+from config.settings import Settings
 from schemas.dlq import HEADER_PREFIX, DlqEnvelope
 from topics.catalog import COMMANDS_DLQ, EVENTS_DLQ
 from topics.kafka_config import client_config, producer_config
@@ -60,7 +60,6 @@ __all__ = [
     "DlqRecord",
     "ReplayItem",
     "ReplayReport",
-    "kafka_settings",
     "read_dlq",
     "read_record",
     "replay",
@@ -81,15 +80,6 @@ Coordinate = tuple[str, int, int]
 
 class DlqError(RuntimeError):
     """A DLQ topic could not be read or a replay could not be published."""
-
-
-def kafka_settings(settings: Settings) -> Settings:
-    """``settings`` with an ``embedded`` broker replaced by its local address."""
-    if settings.kafka_bootstrap_servers != EMBEDDED:
-        return settings
-    return settings.model_copy(
-        update={"kafka_bootstrap_servers": f"127.0.0.1:{settings.embedded_kafka_port}"}
-    )
 
 
 # ----------------------------------------------------------------------------- records
@@ -208,7 +198,7 @@ def _to_record(message: Message) -> DlqRecord:
 
 
 def _reader(settings: Settings) -> Consumer:
-    conf: dict[str, Any] = dict(client_config(kafka_settings(settings)))
+    conf: dict[str, Any] = dict(client_config(settings.with_local_broker()))
     conf.update(
         {
             # Required by the client, but never joined (assign()) nor committed to.
@@ -535,7 +525,7 @@ async def replay(
                 report.items.append(item)
                 to_publish.append(item)
         if execute and to_publish:
-            producer = Producer(producer_config(kafka_settings(settings)))
+            producer = Producer(producer_config(settings.with_local_broker()))
             for start in range(0, len(to_publish), PUBLISH_CHUNK):
                 chunk = to_publish[start : start + PUBLISH_CHUNK]
                 await asyncio.to_thread(_publish, producer, chunk, by)

@@ -41,7 +41,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
-from config.settings import EMBEDDED, Settings
+from config.settings import Settings
 from topics.kafka_config import client_config
 
 DEFAULT_TIMEOUT = 15.0
@@ -287,18 +287,9 @@ def describe_spec(spec: ResetSpec) -> str:
 
 
 # ----------------------------------------------------------------------- broker access
-def settings_for_clients(settings: Settings) -> Settings:
-    """Settings with a concrete broker address: ``embedded`` -> the local embedded port."""
-    if settings.kafka_bootstrap_servers == EMBEDDED:
-        return settings.model_copy(
-            update={"kafka_bootstrap_servers": f"127.0.0.1:{settings.embedded_kafka_port}"}
-        )
-    return settings
-
-
 def _admin(settings: Settings) -> AdminClient:
     conf: dict[str, str | int | float | bool] = dict(
-        client_config(settings_for_clients(settings))
+        client_config(settings.with_local_broker())
     )
     return AdminClient(conf)
 

@@ -98,7 +98,7 @@ def _fail(message: str) -> typer.Exit:
 @offsets_app.command("show")
 def show_command(group: GroupOption) -> None:
     """Committed offset, end offset and lag per partition of a consumer group."""
-    settings = offsets.settings_for_clients(get_settings())
+    settings = get_settings().with_local_broker()
     try:
         rows = offsets.show(settings, group)
     except (OffsetsError, KafkaException) as exc:
@@ -161,7 +161,7 @@ def reset_command(
     """Reset a group's committed offsets on one topic (like kafka-consumer-groups.sh)."""
     spec = _spec(to_earliest, to_latest, to_datetime, by_duration, shift_by, to_offset)
     chosen = _parse_partitions(partitions)
-    settings = offsets.settings_for_clients(get_settings())
+    settings = get_settings().with_local_broker()
     try:
         rows = offsets.plan_reset(settings, group, topic, spec, chosen)
     except (OffsetsError, KafkaException) as exc:
