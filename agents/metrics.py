@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 COMMANDS = Counter(
     "paystream_commands_total",
@@ -33,4 +33,58 @@ VERIFY_LOOKUPS = Counter(
     "paystream_psp_verify_lookups_total",
     "Lookups of unknown PSP outcomes, by PSP and lookup outcome.",
     ["psp", "outcome"],
+)
+PSP_LATENCY = Histogram(
+    "paystream_psp_request_duration_seconds",
+    "PSP HTTP call latency, by PSP, operation and outcome.",
+    ["psp", "operation", "outcome"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BREAKER_STATE = Gauge(
+    "paystream_psp_breaker_state",
+    "Circuit breaker state per PSP: 0 closed, 1 half-open, 2 open.",
+    ["psp"],
+)
+PENDING_VERIFICATION = Gauge(
+    "paystream_payments_pending_verification",
+    "Payments of this worker's partitions whose PSP outcome is unknown (being verified).",
+)
+RETRIES = Counter(
+    "paystream_retries_total",
+    "Commands (or notifications) sent to a retry tier, by tier and kind.",
+    ["tier", "kind"],
+)
+WEBHOOK_DELIVERIES = Counter(
+    "paystream_webhook_deliveries_total",
+    "Merchant webhook delivery attempts, by result (delivered, failed, dead).",
+    ["result"],
+)
+WEBHOOK_DELIVERY_LATENCY = Histogram(
+    "paystream_webhook_delivery_duration_seconds",
+    "Merchant webhook HTTP call latency.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+WEBHOOK_BACKLOG = Gauge(
+    "paystream_webhook_deliveries_pending",
+    "Merchant webhook deliveries waiting for their next attempt.",
+)
+PSP_WEBHOOKS = Counter(
+    "paystream_psp_webhooks_total",
+    "PSP webhooks received at ingress, by PSP and result (accepted, duplicate, "
+    "bad_signature, bad_request, unknown_psp, error).",
+    ["psp", "result"],
+)
+CONSUMER_LAG = Gauge(
+    "paystream_consumer_lag",
+    "Records behind the end offset, per consumer group, topic and partition.",
+    ["group", "topic", "partition"],
+)
+LEDGER_IMBALANCE = Gauge(
+    "paystream_ledger_imbalance_minor_units",
+    "Sum of all ledger entries per currency; must stay 0.",
+    ["currency"],
+)
+AUTHORIZATIONS_EXPIRED = Counter(
+    "paystream_authorizations_expired_total",
+    "Authorizations voided because they were not captured within their validity.",
 )

@@ -94,6 +94,59 @@ class Settings(BaseSettings):
         5.0, description="Seconds a breaker stays open before a half-open trial."
     )
     psp_max_in_flight: int = Field(256, description="Open connections to each PSP per worker.")
+    psp_webhook_tolerance_seconds: int = Field(
+        300, description="Accepted age (either direction) of a PSP webhook's signed timestamp."
+    )
+    psp_webhook_dedupe_seconds: int = Field(
+        7 * 24 * 3600, description="How long ingress remembers a PSP webhook event id."
+    )
+    notification_max_attempts: int = Field(
+        5, description="Retries of a PSP notification for an unknown payment before its DLQ."
+    )
+
+    # --- delivery guarantees --------------------------------------------------------------
+    idempotency_retention_seconds: int = Field(
+        24 * 3600,
+        description="How long a merchant's idempotency key stays bound to its payment "
+        "(Stripe: at least 24 h).",
+        ge=1,
+    )
+    retry_delays_seconds: list[float] = Field(
+        [1.0, 10.0, 60.0, 600.0],
+        description="Retry tiers (topics payments.retry.tierN) for transient failures; the "
+        "wait is full jitter up to the tier's delay; JSON list.",
+        min_length=1,
+    )
+    retry_max_attempts: int = Field(
+        4, description="Transient-failure retries of a command before payment.failed + DLQ."
+    )
+    authorization_validity_seconds: int = Field(
+        7 * 24 * 3600,
+        description="Authorizations not captured within this are voided and the hold released.",
+        ge=1,
+    )
+    expiry_sweep_interval_seconds: float = Field(
+        60.0, description="How often each worker looks for expired authorizations."
+    )
+
+    # --- merchant webhooks ----------------------------------------------------------------
+    webhook_retry_schedule_seconds: list[float] = Field(
+        [60.0, 300.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 43200.0, 86400.0, 86400.0],
+        description="Waits between merchant webhook attempts (about 3 days in all), then "
+        "the DLQ; JSON list.",
+    )
+    webhook_timeout_seconds: float = Field(10.0, description="Merchant webhook HTTP timeout.")
+    webhook_max_in_flight_per_endpoint: int = Field(
+        4, description="Concurrent deliveries to one merchant endpoint."
+    )
+    webhook_dispatch_interval_seconds: float = Field(
+        0.5, description="How often the dispatcher looks for due webhook deliveries."
+    )
+
+    # --- observability --------------------------------------------------------------------
+    lag_poll_interval_seconds: float = Field(
+        5.0, description="How often a worker measures consumer lag for /metrics."
+    )
     psp_sandbox_embedded: bool = Field(True, description="dev stack starts the PSP sandbox.")
     psp_sandbox_latency_ms: float = Field(5.0, description="Sandbox's added latency (mean).")
 

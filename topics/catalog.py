@@ -21,6 +21,9 @@ EVENTS = "payments.events"
 COMMANDS_DLQ = "payments.commands.dlq"
 EVENTS_DLQ = "payments.events.dlq"
 INTERNAL = "payments.internal"
+PSP_NOTIFICATIONS = "psp.notifications"
+PSP_NOTIFICATIONS_DLQ = "psp.notifications.dlq"
+WEBHOOKS_DLQ = "payments.webhooks.dlq"
 
 
 def verify_tiers(settings: Settings) -> list[tuple[str, float]]:
@@ -29,6 +32,16 @@ def verify_tiers(settings: Settings) -> list[tuple[str, float]]:
         (f"payments.verify.tier{n}", delay)
         for n, delay in enumerate(settings.verify_delays_seconds, start=1)
     ]
+
+
+def retry_tiers(settings: Settings) -> list[tuple[str, float]]:
+    """Retry tiers for transient failures: (topic, longest wait in seconds)."""
+    return [
+        (f"payments.retry.tier{n}", delay)
+        for n, delay in enumerate(settings.retry_delays_seconds, start=1)
+    ]
+
+
 PAYMENT_STATE_TABLE = "payment_state"
 
 
@@ -97,6 +110,41 @@ def catalog(settings: Settings) -> list[TopicSpec]:
                 replication_factor=rf,
             )
             for name, delay in verify_tiers(settings)
+        ),
+        *(
+            TopicSpec(
+                name=name,
+                partitions=n,
+                key="payment_id",
+                description=f"Commands retried after a transient failure, within {delay:g}s.",
+                retention_ms=7 * DAY_MS,
+                replication_factor=rf,
+            )
+            for name, delay in retry_tiers(settings)
+        ),
+        TopicSpec(
+            name=PSP_NOTIFICATIONS,
+            partitions=n,
+            key="payment_id",
+            description="Verified PSP webhooks, normalised; co-partitioned with commands.",
+            retention_ms=7 * DAY_MS,
+            replication_factor=rf,
+        ),
+        TopicSpec(
+            name=PSP_NOTIFICATIONS_DLQ,
+            partitions=1,
+            key="original key",
+            description="PSP notifications that could not be applied: original bytes + headers.",
+            retention_ms=30 * DAY_MS,
+            replication_factor=rf,
+        ),
+        TopicSpec(
+            name=WEBHOOKS_DLQ,
+            partitions=1,
+            key="payment_id",
+            description="Merchant webhook deliveries that exhausted their retry schedule.",
+            retention_ms=30 * DAY_MS,
+            replication_factor=rf,
         ),
         TopicSpec(
             name=COMMANDS_DLQ,
