@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,20 +31,29 @@ import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents import metrics
-from agents.events import rejection
-from agents.executor import Executor
+from agents.events import build_event, rejection
+from agents.executor import Executor, RetryLater
+from agents.idempotency import MerchantIdempotencyKeys
 from agents.intake import Accepted, DeadLetter, Rejected, parse_command
 from agents.output import EventPublisher, RecordsLost
 from agents.processor import CommandProcessor
 from agents.state import PaymentState
 from config.settings import Settings
-from psp.protocol import STATUS_NOT_FOUND
+from psp.protocol import STATUS_NOT_FOUND, PspNotification
 from psp.registry import GuardSettings, build_router
 from psp.routing import Router, default_routing_table
 from psp.sandbox_adapter import SandboxAdapter
 from schemas.dlq import DlqEnvelope, scrub_payload
 from schemas.events import PaymentEvent
-from schemas.internal import ResolvePayment, VerifyRequest
+from schemas.internal import (
+    INTERNAL_ADAPTER,
+    Delayed,
+    ExpireAuthorization,
+    ResolvePayment,
+    RetryCommand,
+    RetryNotification,
+    VerifyRequest,
+)
 from sinks import ledger, status
 from sinks.ledger_events import check_postable, post_payment_events
 from sinks.migrations import migrate
@@ -100,6 +111,20 @@ def dead_letter_headers(
     return envelope.to_headers()
 
 
+WorkItem = Accepted | ResolvePayment | ExpireAuthorization | PspNotification
+
+
+@dataclass(slots=True)
+class Work:
+    """One thing to apply to one payment, with the record it came from."""
+
+    event: Any
+    item: WorkItem
+    attempt: int = 0
+    """Retries already made (commands and notifications back from a retry tier)."""
+    origin: RetryCommand | None = None
+
+
 class Resources:
     """Connections an agent needs, created when the worker starts."""
 
@@ -108,6 +133,27 @@ class Resources:
         self.pool: asyncpg.Pool | None = None
         self.redis: aioredis.Redis | None = None
         self.router: Router | None = None
+        self.merchant_keys: MerchantIdempotencyKeys | None = None
+
+    def redis_client(self) -> aioredis.Redis:
+        if self.redis is None:
+            # Hundreds of payments run concurrently: wait for a free connection rather
+            # than fail (the default pool raises MaxConnectionsError when exhausted).
+            self.redis = aioredis.Redis(
+                connection_pool=aioredis.BlockingConnectionPool.from_url(
+                    self.settings.redis_url, max_connections=64, timeout=10
+                )
+            )
+        return self.redis
+
+    def idempotency_keys(self) -> MerchantIdempotencyKeys:
+        if self.merchant_keys is None:
+            self.merchant_keys = MerchantIdempotencyKeys(
+                self.redis_client(),
+                key_prefix=self.settings.app_id,
+                ttl_seconds=self.settings.idempotency_retention_seconds,
+            )
+        return self.merchant_keys
 
     async def db(self) -> asyncpg.Pool:
         if self.pool is None:
@@ -131,15 +177,8 @@ class Resources:
                 )
                 for psp in s.psp_endpoints()
             ]
-            # Hundreds of payments run concurrently: wait for a free connection rather
-            # than fail (the default pool raises MaxConnectionsError when exhausted).
-            self.redis = aioredis.Redis(
-                connection_pool=aioredis.BlockingConnectionPool.from_url(
-                    s.redis_url, max_connections=64, timeout=10
-                )
-            )
             self.router = build_router(
-                self.redis,
+                self.redis_client(),
                 adapters,
                 default_routing_table(),
                 GuardSettings(
@@ -161,6 +200,7 @@ class Resources:
         if self.redis is not None:
             await self.redis.aclose()
             self.redis = None
+            self.merchant_keys = None
         if self.pool is not None:
             await self.pool.close()
             self.pool = None
@@ -226,7 +266,10 @@ def create_app(settings: Settings) -> faust.App:
 
     commands_topic = app.topic(
         cat.COMMANDS,
-        cat.INTERNAL,  # co-partitioned: resolutions reach the payment's only writer
+        # Co-partitioned, keyed by payment_id: PSP lookups, retries, expiries and PSP
+        # webhooks all reach the payment's only writer.
+        cat.INTERNAL,
+        cat.PSP_NOTIFICATIONS,
         key_type=bytes,
         value_type=bytes,
         key_serializer="raw",
@@ -277,12 +320,32 @@ def create_app(settings: Settings) -> faust.App:
         batch: Sequence[Any], publisher: EventPublisher, processor: CommandProcessor
     ) -> dict[bytes, tuple[int, bytes]]:
         """Process one batch; returns the payments' new states to write to the changelog."""
-        per_payment: dict[bytes, list[tuple[Any, Accepted | ResolvePayment]]] = {}
+        per_payment: dict[bytes, list[Work]] = {}
+
+        def add(event: Any, key: str, item: WorkItem, attempt: int = 0,
+                origin: RetryCommand | None = None) -> None:
+            per_payment.setdefault(key.encode(), []).append(Work(event, item, attempt, origin))
+
         for event in batch:
             try:
-                if event.message.topic == cat.INTERNAL:
-                    answer = ResolvePayment.model_validate_json(event.value)
-                    per_payment.setdefault(answer.payment_id.encode(), []).append((event, answer))
+                topic = event.message.topic
+                if topic == cat.PSP_NOTIFICATIONS:
+                    note = PspNotification.model_validate_json(event.value)
+                    add(event, note.payment_id or event.key.decode(), note)
+                    continue
+                if topic == cat.INTERNAL:
+                    message = INTERNAL_ADAPTER.validate_json(event.value)
+                    if isinstance(message, RetryCommand):
+                        verdict = parse_command(message.command.encode())
+                        if isinstance(verdict, Accepted):
+                            add(event, message.payment_id, verdict, message.attempt, message)
+                            continue
+                        raise ValueError(f"retried command no longer parses: {verdict}")
+                    if isinstance(message, RetryNotification):
+                        note = PspNotification.model_validate_json(message.notification)
+                        add(event, message.payment_id, note, message.attempt)
+                        continue
+                    add(event, message.payment_id, message)
                     continue
                 verdict = parse_command(event.value)
                 if isinstance(verdict, DeadLetter):
@@ -294,24 +357,24 @@ def create_app(settings: Settings) -> faust.App:
                     metrics.COMMANDS.labels(verdict.envelope.type, reply.type).inc()
                     publish_event(publisher, reply)
                 else:
-                    key = verdict.command.payment_id.encode()
-                    per_payment.setdefault(key, []).append((event, verdict))
+                    add(event, verdict.command.payment_id, verdict)
             except Exception as exc:  # noqa: BLE001 - never let one record ack silently
                 dead_letter_unexpected(publisher, event, "intake", exc)
 
+        await check_merchant_keys(per_payment, publisher)
         changes: dict[bytes, tuple[int, bytes]] = {}
+        validity = timedelta(seconds=settings.authorization_validity_seconds)
 
-        async def run_payment(
-            key: bytes, items: list[tuple[Any, Accepted | ResolvePayment]]
-        ) -> None:
+        async def run_payment(key: bytes, items: list[Work]) -> None:
             try:
                 raw_state = state_table.data.get(key)
                 state = PaymentState.model_validate_json(raw_state) if raw_state else None
             except Exception as exc:  # noqa: BLE001 - unreadable state: park its commands
-                for event, _item in items:
-                    dead_letter_unexpected(publisher, event, "state", exc)
+                for work in items:
+                    dead_letter_unexpected(publisher, work.event, "state", exc)
                 return
-            for event, item in items:
+            for work in items:
+                event, item = work.event, work.item
                 kind: str
                 try:
                     working = state.model_copy(deep=True) if state is not None else None
@@ -324,9 +387,24 @@ def create_app(settings: Settings) -> faust.App:
                             continue
                         new_state, outputs = processor.resolve(working, item)
                         kind = item.type
+                    elif isinstance(item, ExpireAuthorization):
+                        new_state, outputs = await processor.expire(working, item, validity)
+                        kind = item.type
+                        if outputs and outputs[0].type == "payment.canceled":
+                            metrics.AUTHORIZATIONS_EXPIRED.inc()
+                    elif isinstance(item, PspNotification):
+                        if working is None:
+                            park_notification(publisher, work, item)
+                            continue
+                        new_state, outputs = processor.notify(working, item)
+                        kind = "psp_notification"
                     else:
-                        new_state, outputs = await processor.handle(working, item)
                         kind = item.command.type
+                        try:
+                            new_state, outputs = await processor.handle(working, item)
+                        except RetryLater as retry:
+                            retry_command(publisher, work, item, state, retry)
+                            continue
                     for output in outputs:
                         metrics.COMMANDS.labels(kind, output.type).inc()
                         publish_event(publisher, output)
@@ -344,6 +422,128 @@ def create_app(settings: Settings) -> faust.App:
 
         await asyncio.gather(*(run_payment(k, v) for k, v in per_payment.items()))
         return changes
+
+    async def check_merchant_keys(
+        per_payment: dict[bytes, list[Work]], publisher: EventPublisher
+    ) -> None:
+        """Drop (as idempotency conflicts) commands whose key belongs to another payment."""
+        accepted = [
+            (key, work) for key, items in per_payment.items() for work in items
+            if isinstance(work.item, Accepted)
+        ]
+        if not accepted:
+            return
+        requests = []
+        for _key, work in accepted:
+            command = work.item.command  # type: ignore[union-attr]
+            requests.append((command.merchant_id, command.idempotency_key, command.payment_id))
+        owners: list[str] = []
+
+        async def bind() -> None:
+            owners[:] = await resources.idempotency_keys().bind(requests)
+
+        await with_infra_retries("binding idempotency keys", bind)
+        for (key, work), (_m, _k, payment_id), owner in zip(
+            accepted, requests, owners, strict=True
+        ):
+            if owner == payment_id:
+                continue
+            command = work.item.command  # type: ignore[union-attr]
+            reply = rejection(
+                None, command,
+                f"idempotency_conflict: this idempotency_key was already used for payment "
+                f"{owner}",
+            )
+            metrics.COMMANDS.labels(command.type, reply.type).inc()
+            publish_event(publisher, reply)
+            per_payment[key].remove(work)
+
+    def park(publisher: EventPublisher, attempt: int, key: str, value: str,
+             kind: Any) -> None:
+        """Send ``value`` (an internal message) to retry tier ``attempt`` (1-based)."""
+        tiers_ = cat.retry_tiers(settings)
+        topic, cap = tiers_[min(attempt, len(tiers_)) - 1]
+        wait = random.uniform(0, cap)  # noqa: S311 - jitter, not cryptography
+        parked = Delayed(
+            due_at=datetime.now(UTC) + timedelta(seconds=wait),
+            target_topic=cat.INTERNAL, key=key, value=value, kind=kind,
+        )
+        metrics.RETRIES.labels(topic.rsplit(".", 1)[-1], kind).inc()
+        publisher.publish(topic, key.encode(), parked.model_dump_json().encode())
+
+    def retry_command(
+        publisher: EventPublisher, work: Work, accepted: Accepted, state: PaymentState | None,
+        retry: RetryLater,
+    ) -> None:
+        """A transient PSP failure: retry in a tier, or give up after the last attempt."""
+        command = accepted.command
+        origin = work.origin
+        attempt = work.attempt + 1
+        now = datetime.now(UTC)
+        if attempt <= settings.retry_max_attempts:
+            message = RetryCommand(
+                payment_id=command.payment_id,
+                attempt=attempt,
+                command=(origin.command if origin else work.event.value.decode()),
+                original_topic=origin.original_topic if origin else work.event.message.topic,
+                original_partition=(
+                    origin.original_partition if origin else work.event.message.partition
+                ),
+                original_offset=origin.original_offset if origin else work.event.message.offset,
+                first_failure_at=origin.first_failure_at if origin else now,
+            )
+            park(publisher, attempt, command.payment_id, message.model_dump_json(), "command")
+            return
+        # Retries exhausted: tell the merchant, and park the command for an operator. No
+        # idempotency record is kept (like Stripe after a 5xx): a replay runs it again.
+        failed_type = "payment.refund_failed" if command.type == "refund_payment" else (
+            "payment.failed")
+        status = "failed" if state is None or state.status == "created" else state.status
+        reply = build_event(
+            state, command, failed_type, status,  # type: ignore[arg-type]
+            decline_code=retry.decline_code,
+            reason=f"retries_exhausted: {retry.reason}",
+            refund_id=getattr(command, "refund_id", None),
+        )
+        metrics.COMMANDS.labels(command.type, reply.type).inc()
+        publish_event(publisher, reply)
+        original = origin.command.encode() if origin else work.event.value
+        envelope = DlqEnvelope(
+            stage="executor", reason="retries_exhausted", error_type="TransientPspFailure",
+            error_message=retry.reason[:1000],
+            original_topic=origin.original_topic if origin else work.event.message.topic,
+            original_partition=(
+                origin.original_partition if origin else work.event.message.partition
+            ),
+            original_offset=origin.original_offset if origin else work.event.message.offset,
+            consumer_group=group, attempts=attempt,
+            first_failure_at=origin.first_failure_at if origin else now, last_failure_at=now,
+        )
+        metrics.DLQ_RECORDS.labels("executor", "retries_exhausted").inc()
+        publisher.publish(cat.COMMANDS_DLQ, command.payment_id.encode(), scrub_payload(original),
+                          envelope.to_headers())
+
+    def park_notification(publisher: EventPublisher, work: Work, note: PspNotification) -> None:
+        """A webhook about a payment we do not know (yet): retry, then dead-letter."""
+        attempt = work.attempt + 1
+        key = note.payment_id or work.event.key.decode()
+        if attempt <= settings.notification_max_attempts:
+            message = RetryNotification(
+                payment_id=key, attempt=attempt, notification=note.model_dump_json()
+            )
+            park(publisher, attempt, key, message.model_dump_json(), "notification")
+            return
+        metrics.DLQ_RECORDS.labels("notification", "unknown_payment").inc()
+        now = datetime.now(UTC)
+        envelope = DlqEnvelope(
+            stage="notification", reason="unknown_payment", error_type="UnknownPayment",
+            error_message=f"no payment {key} after {attempt - 1} retries",
+            original_topic=cat.PSP_NOTIFICATIONS, original_partition=work.event.message.partition,
+            original_offset=work.event.message.offset, consumer_group=group,
+            attempts=attempt, first_failure_at=now, last_failure_at=now,
+        )
+        publisher.publish(cat.PSP_NOTIFICATIONS_DLQ, key.encode(),
+                          note.model_dump_json().encode(), envelope.to_headers())
 
     def request_verification(publisher: EventPublisher, state: PaymentState) -> None:
         """Queue a lookup of the state's pending attempt in the first delay tier."""
@@ -462,6 +662,83 @@ def create_app(settings: Settings) -> faust.App:
 
     for tier_index, (tier_topic, tier_delay) in enumerate(tiers):
         make_resolver(tier_index, tier_topic, tier_delay)
+
+    # ---------------------------------------------------------------- retry tiers
+    def make_retry_tier(topic_name: str, cap: float) -> None:
+        @app.agent(raw_topic(topic_name), name=f"retry_{topic_name.rsplit('.', 1)[-1]}")
+        async def release_when_due(stream: Any) -> AsyncIterator[None]:
+            publisher = EventPublisher(settings)
+            async for batch in stream.take_events(settings.batch_max, within=settings.batch_within):
+                try:
+                    await release_batch(cap, batch, publisher)
+                except Exception as exc:  # noqa: BLE001 - never let Faust ack this batch
+                    fail_stop(f"unexpected error in retry tier {topic_name}: {exc!r}")
+                await with_infra_retries("releasing retries", publisher.flush)
+            yield None  # pragma: no cover
+
+    async def release_batch(cap: float, batch: Sequence[Any], publisher: EventPublisher) -> None:
+        """Hold the batch until each record is due, then send it back to its target.
+
+        A tier has one maximum delay and records arrive in the order they were parked, so
+        waiting here delays nothing that is due sooner by more than the tier's delay; other
+        payments' records on the source partitions never wait behind a retry.
+        """
+        parked: list[Delayed] = []
+        for event in batch:
+            try:
+                parked.append(Delayed.model_validate_json(event.value))
+            except Exception as exc:  # noqa: BLE001 - unreadable record -> DLQ
+                dead_letter_unexpected(publisher, event, "retry", exc)
+        for item in sorted(parked, key=lambda d: d.due_at):
+            wait = (item.due_at - datetime.now(UTC)).total_seconds()
+            if wait > 0:
+                await asyncio.sleep(min(wait, cap))
+            publisher.publish(item.target_topic, item.key.encode(), item.value.encode())
+
+    for retry_topic, retry_cap in cat.retry_tiers(settings):
+        make_retry_tier(retry_topic, retry_cap)
+
+    # ---------------------------------------------------------------- expiry sweep
+    @app.timer(settings.expiry_sweep_interval_seconds)  # type: ignore[untyped-decorator]
+    async def sweep_expired_authorizations() -> None:
+        """Ask the payment's writer to void authorizations older than their validity.
+
+        Every worker scans the states it holds; the writer re-checks, so a standby's or a
+        second worker's request is a no-op.
+        """
+        cutoff = datetime.now(UTC) - timedelta(seconds=settings.authorization_validity_seconds)
+        requests: list[tuple[bytes, ExpireAuthorization]] = []
+        for key, raw in list(state_table.data.items()):
+            if b'"status":"authorized"' not in raw:
+                continue
+            try:
+                state = PaymentState.model_validate_json(raw)
+            except Exception:  # noqa: BLE001, S112 - unreadable states are parked elsewhere
+                continue
+            if state.authorized_at is None or state.authorized_at > cutoff:
+                continue
+            requests.append((key, ExpireAuthorization(payment_id=state.payment_id,
+                                                      requested_at=datetime.now(UTC))))
+        if requests:
+            log.info("expiry sweep: %d authorizations past their validity", len(requests))
+            publisher = sweep_publisher()
+            for key, request in requests:
+                publisher.publish(cat.INTERNAL, key, request.model_dump_json().encode())
+            await with_infra_retries("requesting expiries", publisher.flush)
+
+    sweep_publishers: list[EventPublisher] = []
+
+    def sweep_publisher() -> EventPublisher:
+        if not sweep_publishers:
+            sweep_publishers.append(EventPublisher(settings))
+        return sweep_publishers[0]
+
+    @app.timer(settings.lag_poll_interval_seconds)  # type: ignore[untyped-decorator]
+    async def count_pending_verification() -> None:
+        metrics.PENDING_VERIFICATION.set(
+            sum(1 for raw in list(state_table.data.values())
+                if b'"status":"pending_verification"' in raw)
+        )
 
     # ---------------------------------------------------------------- sinks
     @app.agent(events_topic, name="apply_events")

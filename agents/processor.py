@@ -2,21 +2,41 @@
 
 It is the logical intake + executor stage of SPEC.md's flow run in one agent, which saves
 a Kafka hop on the money path. Commands of one payment are handled strictly in order.
+Everything that changes a payment goes through here (commands, PSP lookups, PSP webhooks,
+expiry), so the payment's partition has a single writer.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from agents.events import rejection
-from agents.executor import Executor
+from agents.executor import Executor, RetryLater
 from agents.intake import Accepted
 from agents.state import IdempotencyRecord, PaymentState
-from schemas.commands import AuthorizePayment, CapturePayment
+from psp.protocol import PspNotification
+from schemas.commands import (
+    AuthorizePayment,
+    CapturePayment,
+    CommandEnvelope,
+    RefundPayment,
+    VoidPayment,
+)
 from schemas.events import PaymentEvent
-from schemas.internal import ResolvePayment
+from schemas.internal import ExpireAuthorization, ResolvePayment
+
+MAX_REMEMBERED_NOTIFICATIONS = 50
+"""PSP event ids kept per payment for deduplication (webhooks are few per payment)."""
+
+__all__ = ["CommandProcessor", "RetryLater"]
 
 
 class CommandProcessor:
-    """Applies accepted commands to payment state; returns (new state, events)."""
+    """Applies accepted commands to payment state; returns (new state, events).
+
+    ``handle`` raises :class:`RetryLater` on a transient PSP failure: the caller parks the
+    command in a retry tier and keeps the state it had before the command.
+    """
 
     def __init__(self, executor: Executor) -> None:
         self._executor = executor
@@ -46,6 +66,7 @@ class CommandProcessor:
                 ]
                 return state, replayed
 
+        event: PaymentEvent | None
         if isinstance(command, AuthorizePayment):
             if state is not None:
                 return state, [
@@ -53,20 +74,25 @@ class CommandProcessor:
                 ]
             state = PaymentState(payment_id=command.payment_id, merchant_id=command.merchant_id)
             event = await self._executor.authorize(state, command)
+        elif state is None:
+            return None, [rejection(None, command, "state_violation: unknown payment")]
         elif isinstance(command, CapturePayment):
-            if state is None:
-                return None, [rejection(None, command, "state_violation: unknown payment")]
             event = await self._executor.capture(state, command)
-            if event.type == "payment.rejected":
-                return state, [event]
+        elif isinstance(command, VoidPayment):
+            event = await self._executor.void(state, command)
+        elif isinstance(command, RefundPayment):
+            event = await self._executor.refund(state, command)
         else:
             return state, [
                 rejection(state, command, f"unsupported: {command.type} is not supported yet")
             ]
+        if event is not None and event.type == "payment.rejected":
+            return state, [event]  # a refused command changes nothing and is not recorded
         state.commands[command.idempotency_key] = IdempotencyRecord(
-            fingerprint=accepted.fingerprint, events=[event.model_dump_json()]
+            fingerprint=accepted.fingerprint,
+            events=[event.model_dump_json()] if event is not None else [],
         )
-        return state, [event]
+        return state, [event] if event is not None else []
 
     def resolve(
         self, state: PaymentState | None, answer: ResolvePayment
@@ -75,5 +101,54 @@ class CommandProcessor:
         if state is None:
             return None, []
         event = self._executor.resolve(state, answer)
+        if event is not None:
+            self._remember(state, event)
         return state, [event] if event is not None else []
 
+    def notify(
+        self, state: PaymentState, note: PspNotification
+    ) -> tuple[PaymentState, list[PaymentEvent]]:
+        """Apply a verified PSP webhook; duplicates and stale ones change nothing."""
+        if note.event_id in state.applied_notifications:
+            return state, []
+        event = self._executor.apply_notification(state, note)
+        state.applied_notifications = [
+            *state.applied_notifications[-(MAX_REMEMBERED_NOTIFICATIONS - 1):], note.event_id
+        ]
+        if event is not None:
+            self._remember(state, event)
+        return state, [event] if event is not None else []
+
+    async def expire(
+        self, state: PaymentState | None, request: ExpireAuthorization, validity: timedelta
+    ) -> tuple[PaymentState | None, list[PaymentEvent]]:
+        """Void the authorization if it is still uncaptured past ``validity``."""
+        if (
+            state is None
+            or state.status != "authorized"
+            or state.authorized_at is None
+            or state.authorized_at + validity > datetime.now(UTC)
+        ):
+            return state, []
+        envelope = CommandEnvelope(
+            type="void_payment",
+            schema_version=1,
+            command_id=f"expiry_{state.payment_id}",
+            merchant_id=state.merchant_id,
+            idempotency_key=f"expiry:{state.payment_id}",
+            payment_id=state.payment_id,
+            created_at=request.requested_at,
+        )
+        event = await self._executor.void(state, envelope, reason="authorization_expired")
+        if event.type == "payment.rejected":
+            return state, []
+        return state, [event]
+
+    @staticmethod
+    def _remember(state: PaymentState, event: PaymentEvent) -> None:
+        """Add a late event to its command's idempotency record, so replays answer it."""
+        record = state.commands.get(event.idempotency_key)
+        if record is not None:
+            state.commands[event.idempotency_key] = record.model_copy(
+                update={"events": [*record.events, event.model_dump_json()]}
+            )

@@ -33,10 +33,23 @@ class PendingAttempt(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    operation: Literal["authorize", "capture"]
+    operation: Literal["authorize", "capture", "void"]
     attempt_id: str
     amount: int
     """Amount of the call (authorized or to capture)."""
+    command_id: str
+    idempotency_key: str
+    command_created_at: AwareDatetime
+
+
+class PendingRefund(BaseModel):
+    """A refund the PSP accepted as ``pending``: final only when its webhook says so."""
+
+    model_config = ConfigDict(frozen=True)
+
+    refund_id: str
+    refund_reference: str | None
+    amount: int
     command_id: str
     idempotency_key: str
     command_created_at: AwareDatetime
@@ -58,6 +71,17 @@ class PaymentState(BaseModel):
     sequence: int = 0
     attempts: int = 0
     pending: PendingAttempt | None = None
+    authorized_at: AwareDatetime | None = None
+    """When the authorization (manual capture) succeeded: the expiry clock starts here."""
+    refunds: dict[str, int] = Field(
+        default_factory=dict, description="refund_id -> amount refunded (succeeded)."
+    )
+    pending_refunds: dict[str, PendingRefund] = Field(
+        default_factory=dict, description="refund_id -> refund the PSP reported pending."
+    )
+    applied_notifications: list[str] = Field(
+        default_factory=list, description="Recent PSP event ids applied (dedupe)."
+    )
     commands: dict[str, IdempotencyRecord] = Field(
         default_factory=dict, description="idempotency_key -> record (merchant-scoped)."
     )
@@ -65,6 +89,12 @@ class PaymentState(BaseModel):
     @property
     def capturable(self) -> int:
         return self.amount - self.amount_captured if self.status == "authorized" else 0
+
+    @property
+    def refundable(self) -> int:
+        """What may still be refunded (pending refunds count as spent)."""
+        pending = sum(r.amount for r in self.pending_refunds.values())
+        return self.amount_captured - self.amount_refunded - pending
 
 
 class TransitionError(ValueError):
@@ -84,3 +114,39 @@ def check_capture(state: PaymentState | None, amount: int | None) -> int:
             f"cannot capture {wanted}: only {remaining} {state.currency} is authorized"
         )
     return wanted
+
+
+REFUNDABLE_STATUSES = frozenset({"captured", "partially_refunded"})
+
+
+def check_void(state: PaymentState | None) -> None:
+    """Raise a TransitionError unless ``state`` is an uncaptured authorization."""
+    if state is None or state.status == "created":
+        raise TransitionError("cannot void: unknown payment")
+    if state.status in {"captured", "partially_refunded", "refunded"}:
+        raise TransitionError(
+            f"cannot void a payment in status {state.status}: it was captured; refund it"
+        )
+    if state.status != "authorized":
+        raise TransitionError(f"cannot void a payment in status {state.status}")
+
+
+def check_refund(state: PaymentState | None, amount: int | None) -> int:
+    """The amount to refund, or a TransitionError saying why a refund is refused."""
+    if state is None or state.status == "created":
+        raise TransitionError("cannot refund: unknown payment")
+    if state.status not in REFUNDABLE_STATUSES:
+        raise TransitionError(f"cannot refund a payment in status {state.status}")
+    remaining = state.refundable
+    wanted = remaining if amount is None else amount
+    if wanted <= 0:
+        raise TransitionError("cannot refund: nothing left to refund")
+    if wanted > remaining:
+        raise TransitionError(
+            f"cannot refund {wanted}: only {remaining} {state.currency} is left to refund"
+        )
+    return wanted
+
+
+def refunded_status(state: PaymentState) -> Literal["refunded", "partially_refunded"]:
+    return "refunded" if state.amount_refunded >= state.amount_captured else "partially_refunded"

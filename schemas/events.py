@@ -86,6 +86,9 @@ class PaymentEvent(BaseModel):
     amount_captured_now: Annotated[StrictInt, Field(ge=0)] = Field(
         0, description="Amount captured by this event (payment.captured), minor units."
     )
+    amount_refunded_now: Annotated[StrictInt, Field(ge=0)] = Field(
+        0, description="Amount refunded by this event (payment.refunded), minor units."
+    )
     fee: Annotated[StrictInt, Field(ge=0)] = Field(
         0, description="Processing fee of amount_captured_now, minor units."
     )

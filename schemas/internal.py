@@ -4,15 +4,17 @@
   unknown, to be looked up at the PSP after the tier's delay.
 * :class:`ResolvePayment` (on ``payments.internal``): what the PSP says about that
   attempt, applied to the payment by the command processor (the payment's only writer).
+* :class:`ExpireAuthorization` (on ``payments.internal``): the expiry sweep found an
+  authorization older than its validity; the processor voids it (if it still is one).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
-PendingOperation = Literal["authorize", "capture"]
+PendingOperation = Literal["authorize", "capture", "void"]
 
 
 class VerifyRequest(BaseModel):
@@ -50,3 +52,60 @@ class ResolvePayment(BaseModel):
     amount_captured: int = 0
     decline_code: str | None = None
     message: str | None = None
+
+
+class ExpireAuthorization(BaseModel):
+    """Void ``payment_id``'s authorization if it is still uncaptured past its validity."""
+
+    model_config = ConfigDict(frozen=True)
+
+    type: Literal["expire_authorization"] = "expire_authorization"
+    payment_id: str
+    requested_at: AwareDatetime
+
+
+class RetryCommand(BaseModel):
+    """A command that hit a transient PSP failure, back from its retry tier."""
+
+    model_config = ConfigDict(frozen=True)
+
+    type: Literal["retry_command"] = "retry_command"
+    payment_id: str
+    attempt: int
+    """Retries already scheduled for this command (1 for the first retry)."""
+    command: str
+    """The original command's JSON, byte for byte."""
+    original_topic: str
+    original_partition: int
+    original_offset: int
+    first_failure_at: AwareDatetime
+
+
+class RetryNotification(BaseModel):
+    """A PSP notification for a payment not known yet, back from its retry tier."""
+
+    model_config = ConfigDict(frozen=True)
+
+    type: Literal["retry_notification"] = "retry_notification"
+    payment_id: str
+    attempt: int
+    notification: str
+    """The notification's JSON (a ``psp.protocol.PspNotification``)."""
+
+
+class Delayed(BaseModel):
+    """A record parked on ``payments.retry.tierN``: publish ``value`` to ``target_topic``
+    (keyed ``key``) once ``due_at`` has passed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    due_at: AwareDatetime
+    target_topic: str
+    key: str
+    value: str
+    kind: Literal["command", "notification"]
+
+
+InternalRecord = ResolvePayment | ExpireAuthorization | RetryCommand | RetryNotification
+InternalMessage = Annotated[InternalRecord, Field(discriminator="type")]
+INTERNAL_ADAPTER: TypeAdapter[InternalRecord] = TypeAdapter(InternalMessage)

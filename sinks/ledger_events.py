@@ -3,7 +3,11 @@
 * ``payment.authorized`` (manual capture) places a hold for the authorized amount;
 * ``payment.captured`` of a manual-capture payment captures against that hold;
 * ``payment.captured`` of an automatic-capture payment posts the capture directly (the
-  PSP authorized and captured in one call, so there is no hold to resolve).
+  PSP authorized and captured in one call, so there is no hold to resolve);
+* ``payment.canceled`` of a manual-capture payment releases the rest of its hold (reason
+  ``expiry`` when the authorization expired, else ``void``);
+* ``payment.refunded`` gives ``amount_refunded_now`` back from the merchant's wallet (the
+  processing fee is not refunded, as with Stripe).
 
 Replayed events (answers to repeated commands) are posted like originals: a replay has the
 original's event id, so posting is a no-op when the original was posted and repairs the
@@ -40,6 +44,35 @@ def check_postable(event: PaymentEvent) -> None:
             _hold_capture(event)
         else:
             _capture(event)
+    elif event.type == "payment.canceled" and event.capture_method == "manual":
+        _release(event)
+    elif event.type == "payment.refunded":
+        _refund(event)
+
+
+def _release(event: PaymentEvent) -> ledger.HoldRelease:
+    return ledger.HoldRelease(
+        event_id=event.event_id,
+        merchant_id=event.merchant_id,
+        currency=_currency(event),
+        occurred_at=event.occurred_at,
+        payment_id=event.payment_id,
+        reason="expiry" if event.reason == "authorization_expired" else "void",
+    )
+
+
+def _refund(event: PaymentEvent) -> ledger.RefundPosting:
+    if event.refund_id is None:
+        raise UnpostableEvent(f"payment.refunded {event.event_id} has no refund_id")
+    return ledger.RefundPosting(
+        event_id=event.event_id,
+        merchant_id=event.merchant_id,
+        currency=_currency(event),
+        occurred_at=event.occurred_at,
+        payment_id=event.payment_id,
+        refund_id=event.refund_id,
+        amount=event.amount_refunded_now,
+    )
 
 
 def _hold(event: PaymentEvent) -> ledger.AuthorizationHold:
@@ -100,4 +133,18 @@ async def post_payment_events(
         rejected.extend(result.rejected)
     if direct:
         posted += await ledger.post_captures(conn, direct)
+    # Releases and refunds come after captures: a batch may hold a payment's whole life.
+    releases = [
+        _release(e) for e in events
+        if e.type == "payment.canceled" and e.capture_method == "manual"
+    ]
+    refunds = [_refund(e) for e in events if e.type == "payment.refunded"]
+    if releases:
+        result = await ledger.release_holds(conn, releases)
+        posted += result.posted
+        rejected.extend(result.rejected)
+    if refunds:
+        result = await ledger.post_refunds(conn, refunds)
+        posted += result.posted
+        rejected.extend(result.rejected)
     return posted, rejected

@@ -78,6 +78,9 @@ def stack_settings(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Set
         # lookups included) always resolves within the test's patience.
         verify_delays_seconds=[0.2, 0.5, 1.0],
         verify_max_lookups=15,
+        # Short retry tiers: a transient PSP failure is retried within about a second.
+        retry_delays_seconds=[0.2, 0.5, 1.0],
+        retry_max_attempts=3,
         app_id=f"paystream-test-{uuid.uuid4().hex[:6]}",
     )
 

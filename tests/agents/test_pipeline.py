@@ -221,7 +221,7 @@ def test_invalid_business_fields_are_rejected_and_partition_keeps_flowing(
     payment = unique("pay")
     client.send_raw(payment.encode(), command(payment, **fields))
     # A valid command on the same key (same partition) right behind the bad one.
-    client.send_raw(payment.encode(), command(payment, idempotency_key="good"))
+    client.send_raw(payment.encode(), command(payment, idempotency_key=f"{payment}-good"))
     client.flush()
     rejected, after = events_for(events, payment, count=2)
     assert rejected["type"] == "payment.rejected" and rejected["status"] == "rejected"
