@@ -35,14 +35,17 @@ from agents.events import build_event, rejection
 from agents.executor import Executor, RetryLater
 from agents.idempotency import MerchantIdempotencyKeys
 from agents.intake import Accepted, DeadLetter, Rejected, parse_command
+from agents.monitors import BreakerStateMonitor, LagMonitor, LedgerImbalanceMonitor
 from agents.output import EventPublisher, RecordsLost
 from agents.processor import CommandProcessor
+from agents.psp_ingress import PspWebhookIngress
 from agents.state import PaymentState
 from config.settings import Settings
 from psp.protocol import STATUS_NOT_FOUND, PspNotification
 from psp.registry import GuardSettings, build_router
 from psp.routing import Router, default_routing_table
 from psp.sandbox_adapter import SandboxAdapter
+from psp.webhooks import SIGNATURE_HEADER
 from schemas.dlq import DlqEnvelope, scrub_payload
 from schemas.events import PaymentEvent
 from schemas.internal import (
@@ -229,6 +232,8 @@ def faust_credentials(settings: Settings) -> Any:
 
 def create_app(settings: Settings) -> faust.App:
     settings.require_real()
+    faust_dir = settings.data_dir / "faust"  # Faust's own files, out of the checkout
+    faust_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{server}" for server in settings.kafka_bootstrap_servers.split(",")],
@@ -248,6 +253,7 @@ def create_app(settings: Settings) -> faust.App:
         web_bind=settings.web_host,
         web_host=settings.web_host,
         web_in_thread=False,
+        datadir=str(faust_dir / settings.app_id),
         stream_wait_empty=False,
     )
     group = settings.app_id
@@ -733,12 +739,30 @@ def create_app(settings: Settings) -> faust.App:
             sweep_publishers.append(EventPublisher(settings))
         return sweep_publishers[0]
 
+    monitors: list[Any] = []
+
     @app.timer(settings.lag_poll_interval_seconds)  # type: ignore[untyped-decorator]
-    async def count_pending_verification() -> None:
+    async def export_gauges() -> None:
+        """Gauges for /metrics: pending verification, lag, breakers, ledger imbalance."""
         metrics.PENDING_VERIFICATION.set(
             sum(1 for raw in list(state_table.data.values())
                 if b'"status":"pending_verification"' in raw)
         )
+        if not monitors:
+            monitors.extend([
+                LagMonitor(settings),
+                BreakerStateMonitor(
+                    resources.redis_client(), [p.name for p in settings.psp_endpoints()],
+                    settings.app_id, open_seconds=settings.psp_breaker_open_seconds,
+                ),
+                LedgerImbalanceMonitor(await resources.db()),
+            ])
+        for monitor in monitors:
+            try:
+                await monitor.poll_once()
+            except Exception as exc:  # noqa: BLE001 - a gauge must not stop the worker
+                log.warning("%s failed: %s: %s", type(monitor).__name__,
+                            type(exc).__name__, exc)
 
     # ---------------------------------------------------------------- sinks
     @app.agent(events_topic, name="apply_events")
@@ -800,6 +824,28 @@ def create_app(settings: Settings) -> faust.App:
             if found is None:
                 return self.json({"error": "not_found", "payment_id": payment_id}, status=404)
             return self.json(found)
+
+    ingress_parts: list[PspWebhookIngress] = []
+
+    def psp_ingress() -> PspWebhookIngress:
+        if not ingress_parts:
+            adapters = {endpoint.name: resources.psps().adapter(endpoint.name)
+                        for endpoint in settings.psp_endpoints()}
+            ingress_parts.append(PspWebhookIngress(
+                settings, adapters, resources.redis_client(), EventPublisher(settings)
+            ))
+        return ingress_parts[0]
+
+    @app.page("/psp/{name}/webhooks")
+    class PspWebhookView(faust.web.View):
+        """PSP webhooks in: verified, deduplicated, on psp.notifications before the 2xx."""
+
+        async def post(self, request: Any, name: str) -> Any:
+            body = await request.read()
+            code, answer = await psp_ingress().handle(
+                name, body, request.headers.get(SIGNATURE_HEADER)
+            )
+            return self.json(answer, status=code)
 
     @app.page("/metrics")
     class MetricsView(faust.web.View):

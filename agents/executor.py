@@ -21,6 +21,7 @@ from agents.state import (
     check_capture,
     check_refund,
     check_void,
+    fee_refund_for,
     refunded_status,
 )
 from psp.protocol import (
@@ -86,6 +87,9 @@ class Executor:
         **extra: object,
     ) -> PaymentEvent:
         """The next event of ``state``: bumps its sequence and sets its status."""
+        if event_type == "payment.captured":
+            fee = extra.get("fee", 0)
+            state.fees += fee if isinstance(fee, int) else 0
         state.sequence += 1
         state.status = status
         return build_event(state, envelope, event_type, status, **extra)
@@ -329,11 +333,13 @@ class Executor:
     def _refunded(
         self, state: PaymentState, envelope: CommandEnvelope, refund_id: str, amount: int
     ) -> PaymentEvent:
+        fee_refund = fee_refund_for(state, amount)
         state.amount_refunded += amount
+        state.fees_refunded += fee_refund
         state.refunds[refund_id] = amount
         return self.event(
             state, envelope, "payment.refunded", refunded_status(state),
-            refund_id=refund_id, amount_refunded_now=amount,
+            refund_id=refund_id, amount_refunded_now=amount, fee_refunded_now=fee_refund,
         )
 
     # -- PSP notifications (verified webhooks) ------------------------------------------

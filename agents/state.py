@@ -73,6 +73,9 @@ class PaymentState(BaseModel):
     pending: PendingAttempt | None = None
     authorized_at: AwareDatetime | None = None
     """When the authorization (manual capture) succeeded: the expiry clock starts here."""
+    fees: int = 0
+    """Processing fees charged on the captures so far (minor units)."""
+    fees_refunded: int = 0
     refunds: dict[str, int] = Field(
         default_factory=dict, description="refund_id -> amount refunded (succeeded)."
     )
@@ -146,6 +149,20 @@ def check_refund(state: PaymentState | None, amount: int | None) -> int:
             f"cannot refund {wanted}: only {remaining} {state.currency} is left to refund"
         )
     return wanted
+
+
+def fee_refund_for(state: PaymentState, amount: int) -> int:
+    """Our fee returned with a refund of ``amount``: proportional, the rest on the last one.
+
+    The merchant's wallet received ``captured - fees``; refunding the whole amount without
+    the fee would take it below zero, which the ledger refuses.
+    """
+    remaining_fees = state.fees - state.fees_refunded
+    if state.amount_refunded + amount >= state.amount_captured:
+        return remaining_fees
+    if state.amount_captured == 0:
+        return 0
+    return min(remaining_fees, state.fees * amount // state.amount_captured)
 
 
 def refunded_status(state: PaymentState) -> Literal["refunded", "partially_refunded"]:

@@ -233,16 +233,37 @@ def send_capture(
 
 # ------------------------------------------------------------------------- status
 @app.command()
-def status(payment_id: str) -> None:
-    """Show a payment's status from the worker's status view."""
+def status(
+    payment_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the view as JSON.")] = False,
+    live: Annotated[
+        bool, typer.Option("--live", help="Only ask the worker's status view (HTTP).")
+    ] = False,
+) -> None:
+    """A payment's events, PSP attempts, ledger entries and webhook deliveries."""
     settings = get_settings()
-    url = f"http://{settings.web_host}:{settings.web_port}/v1/payments/{payment_id}"
+    if live:
+        url = f"http://{settings.web_host}:{settings.web_port}/v1/payments/{payment_id}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our worker
+                console.print_json(response.read().decode())
+        except urllib.error.HTTPError as exc:
+            console.print(f"[red]{exc.code}[/] {exc.read().decode()}")
+            raise typer.Exit(1) from exc
+        return
+    from ops.payment_view import PaymentViewError, gather_payment_view, render_payment_view
+
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our worker
-            console.print_json(response.read().decode())
-    except urllib.error.HTTPError as exc:
-        console.print(f"[red]{exc.code}[/] {exc.read().decode()}")
-        raise typer.Exit(1) from exc
+        view = asyncio.run(gather_payment_view(settings.with_local_broker(), payment_id))
+    except PaymentViewError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from exc
+    if as_json:
+        console.print_json(view.model_dump_json())
+    else:
+        render_payment_view(view, console)
+    if not view.found:
+        raise typer.Exit(1)
 
 
 # ------------------------------------------------------------------------- ledger

@@ -207,6 +207,9 @@ class EmbeddedStack:
                     "--latency-ms", str(s.psp_sandbox_latency_ms),
                     "--fee-bps", str(fees[psp.name].fee_bps),
                     "--fee-fixed", str(fees[psp.name].fee_fixed),
+                    # The sandbox reports outcomes asynchronously to the worker's ingress.
+                    "--webhook-url",
+                    f"http://{s.web_host}:{s.web_port}/psp/{psp.name}/webhooks",
                 ],
             )
         for psp in s.psp_endpoints():

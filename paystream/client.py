@@ -121,6 +121,46 @@ class PaymentsClient:
             }
         )
 
+    def void(self, *, merchant_id: str, payment_id: str, idempotency_key: str) -> Command:
+        """Cancel an uncaptured (manual-capture) authorization."""
+        return self.send(
+            {
+                "type": "void_payment",
+                "schema_version": 1,
+                "command_id": new_command_id(),
+                "merchant_id": merchant_id,
+                "idempotency_key": idempotency_key,
+                "payment_id": payment_id,
+                "created_at": datetime.now(UTC),
+            }
+        )
+
+    def refund(
+        self,
+        *,
+        merchant_id: str,
+        payment_id: str,
+        idempotency_key: str,
+        refund_id: str,
+        amount: int | None = None,
+        reason: str | None = None,
+    ) -> Command:
+        """Refund all that is left (no amount) or part of a captured payment."""
+        return self.send(
+            {
+                "type": "refund_payment",
+                "schema_version": 1,
+                "command_id": new_command_id(),
+                "merchant_id": merchant_id,
+                "idempotency_key": idempotency_key,
+                "payment_id": payment_id,
+                "created_at": datetime.now(UTC),
+                "refund_id": refund_id,
+                "amount": amount,
+                "reason": reason,
+            }
+        )
+
     def flush(self, timeout: float = 30.0) -> None:
         """Block until every command sent so far is acknowledged; raise if any failed."""
         remaining = self._producer.flush(timeout)

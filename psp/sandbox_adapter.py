@@ -17,17 +17,23 @@ Transport failures map to outcomes (see :mod:`psp.protocol`):
   attempt id is reused with different parameters);
 * 200 -> ``succeeded`` (status ``requires_capture``, ``succeeded`` or ``canceled``) or
   ``requires_action``.
+
+Every authorize, capture, void, refund, payout and retrieve call is timed into
+``paystream_psp_request_duration_seconds{psp, operation, outcome}`` (``agents.metrics``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import date
-from typing import Any
+from typing import Any, Concatenate, ParamSpec
 
 import aiohttp
 
+from agents.metrics import PSP_LATENCY
 from psp.declines import is_retryable
 from psp.protocol import (
     STATUS_NOT_FOUND,
@@ -43,6 +49,32 @@ from psp.settlement import SettlementError, SettlementRow, parse_settlement_csv
 from psp.webhooks import SignatureError, verify_signature
 
 JsonDict = dict[str, Any]
+_P = ParamSpec("_P")
+_Operation = Callable[Concatenate["SandboxAdapter", _P], Coroutine[Any, Any, PspResult]]
+
+
+def _timed(operation: str) -> Callable[[_Operation[_P]], _Operation[_P]]:
+    """Observe ``paystream_psp_request_duration_seconds{psp, operation, outcome}`` for every
+    call of the decorated PSP operation: ``outcome`` is the result's, or ``error`` if the
+    call raised (a cancelled call is not observed)."""
+
+    def decorate(call: _Operation[_P]) -> _Operation[_P]:
+        @functools.wraps(call)
+        async def timed(self: SandboxAdapter, /, *args: _P.args, **kwargs: _P.kwargs) -> PspResult:
+            started = time.perf_counter()
+            try:
+                result = await call(self, *args, **kwargs)
+            except Exception:
+                latency = PSP_LATENCY.labels(self.name, operation, "error")
+                latency.observe(time.perf_counter() - started)
+                raise
+            latency = PSP_LATENCY.labels(self.name, operation, result.outcome)
+            latency.observe(time.perf_counter() - started)
+            return result
+
+        return timed
+
+    return decorate
 
 
 class _Http:
@@ -248,6 +280,7 @@ class SandboxAdapter:
 
     # --- PspAdapter ---------------------------------------------------------------------
 
+    @_timed("authorize")
     async def authorize(self, req: AuthorizeRequest) -> PspResult:
         body: JsonDict = {
             "amount": req.amount,
@@ -266,6 +299,7 @@ class SandboxAdapter:
         )
         return self._map(answer)
 
+    @_timed("capture")
     async def capture(self, req: CaptureRequest) -> PspResult:
         answer = await self._call(
             "POST",
@@ -275,6 +309,7 @@ class SandboxAdapter:
         )
         return self._map(answer)
 
+    @_timed("void")
     async def void(self, req: VoidRequest) -> PspResult:
         answer = await self._call(
             "POST",
@@ -284,6 +319,7 @@ class SandboxAdapter:
         )
         return self._map(answer)
 
+    @_timed("refund")
     async def refund(self, req: RefundRequest) -> PspResult:
         answer = await self._call(
             "POST",
@@ -306,6 +342,7 @@ class SandboxAdapter:
         reason = _as_str(refund.get("failure_reason")) or "refund_failed"
         return self._result("declined", decline_code=reason, **fields)
 
+    @_timed("payout")
     async def payout(self, req: PayoutRequest) -> PspResult:
         answer = await self._call(
             "POST",
@@ -363,6 +400,7 @@ class SandboxAdapter:
             raise SettlementError(f"{self._name}: settlement report unavailable: {exc}") from exc
         return parse_settlement_csv(text)
 
+    @_timed("retrieve")
     async def retrieve(
         self, *, psp_reference: str | None = None, attempt_id: str | None = None
     ) -> PspResult:

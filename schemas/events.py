@@ -89,6 +89,9 @@ class PaymentEvent(BaseModel):
     amount_refunded_now: Annotated[StrictInt, Field(ge=0)] = Field(
         0, description="Amount refunded by this event (payment.refunded), minor units."
     )
+    fee_refunded_now: Annotated[StrictInt, Field(ge=0)] = Field(
+        0, description="Processing fee returned with this refund (proportional), minor units."
+    )
     fee: Annotated[StrictInt, Field(ge=0)] = Field(
         0, description="Processing fee of amount_captured_now, minor units."
     )

@@ -6,8 +6,9 @@
   PSP authorized and captured in one call, so there is no hold to resolve);
 * ``payment.canceled`` of a manual-capture payment releases the rest of its hold (reason
   ``expiry`` when the authorization expired, else ``void``);
-* ``payment.refunded`` gives ``amount_refunded_now`` back from the merchant's wallet (the
-  processing fee is not refunded, as with Stripe).
+* ``payment.refunded`` gives ``amount_refunded_now`` back: the merchant's wallet pays it
+  less ``fee_refunded_now``, our fee returned in proportion (the whole rest of the fee on
+  the refund that completes the payment), so a full refund never overdraws the wallet.
 
 Replayed events (answers to repeated commands) are posted like originals: a replay has the
 original's event id, so posting is a no-op when the original was posted and repairs the
@@ -72,6 +73,7 @@ def _refund(event: PaymentEvent) -> ledger.RefundPosting:
         payment_id=event.payment_id,
         refund_id=event.refund_id,
         amount=event.amount_refunded_now,
+        fee_refund=event.fee_refunded_now,
     )
 
 

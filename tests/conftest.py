@@ -79,8 +79,12 @@ def stack_settings(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Set
         verify_delays_seconds=[0.2, 0.5, 1.0],
         verify_max_lookups=15,
         # Short retry tiers: a transient PSP failure is retried within about a second.
-        retry_delays_seconds=[0.2, 0.5, 1.0],
-        retry_max_attempts=3,
+        retry_delays_seconds=[0.5, 1.0, 2.0],
+        retry_max_attempts=4,
+        # Authorizations expire quickly so the expiry sweep is testable; tests capture
+        # well within this.
+        authorization_validity_seconds=20,
+        expiry_sweep_interval_seconds=1.0,
         app_id=f"paystream-test-{uuid.uuid4().hex[:6]}",
     )
 
