@@ -60,6 +60,8 @@ from schemas.internal import (
 from sinks import ledger, status
 from sinks.ledger_events import check_postable, post_payment_events
 from sinks.migrations import migrate
+from sinks.webhook_dispatcher import WebhookDispatcher, kafka_dead_letter
+from sinks.webhook_outbox import enqueue_deliveries
 from topics import catalog as cat
 
 log = logging.getLogger("paystream.agents")
@@ -797,6 +799,8 @@ def create_app(settings: Settings) -> faust.App:
             async with pool.acquire() as conn, conn.transaction():
                 posted, refused = await post_payment_events(conn, events)
                 await status.apply_events(conn, events)
+                # Merchant webhooks are enqueued in the same transaction: exactly once.
+                await enqueue_deliveries(conn, events)
             rejected[:] = refused
             metrics.LEDGER_POSTINGS.labels("payment").inc(posted)
 
@@ -813,6 +817,22 @@ def create_app(settings: Settings) -> faust.App:
                 metrics.END_TO_END_LATENCY.observe(
                     max(0.0, (now - e.command_created_at).total_seconds())
                 )
+
+    # ---------------------------------------------------------------- merchant webhooks
+    @app.task  # type: ignore[untyped-decorator]
+    async def deliver_merchant_webhooks() -> None:
+        """Send due webhook deliveries (the outbox in PostgreSQL) until the worker stops."""
+        pool = await asyncpg.create_pool(settings.pg_dsn, min_size=1, max_size=4)
+        await resources.db()  # migrations applied
+        publisher = EventPublisher(settings)
+        dispatcher = WebhookDispatcher(
+            pool, settings, kafka_dead_letter(publisher, consumer_group=f"{group}-webhooks")
+        )
+        stop = asyncio.Event()
+        try:
+            await dispatcher.run_forever(stop)
+        finally:
+            await pool.close()
 
     # ---------------------------------------------------------------- web
     @app.page("/v1/payments/{payment_id}")

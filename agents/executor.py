@@ -407,9 +407,9 @@ class Executor:
 
     def _refund_update(self, state: PaymentState, note: PspNotification) -> PaymentEvent | None:
         pending = next(
-            (p for p in state.pending_refunds.values() if p.refund_reference == note.psp_reference),
+            (p for p in state.pending_refunds.values() if p.refund_reference == note.object_id),
             None,
-        ) if note.psp_reference else None
+        ) if note.object_id else None
         if pending is None:
             # Keyed by the PaymentIntent: the refund is found by its reference only.
             return None

@@ -17,6 +17,7 @@ from rich.console import Console
 from config.settings import EMBEDDED, get_settings
 from ops.dlq_cli import dlq_app
 from ops.offsets_cli import offsets_app
+from ops.webhooks_cli import webhooks_app
 
 app = typer.Typer(help="paystream: Kafka-native payment processing.", no_args_is_help=True)
 topics_app = typer.Typer(help="Create and verify the topic catalog.", no_args_is_help=True)
@@ -29,6 +30,7 @@ app.add_typer(ledger_app, name="ledger")
 app.add_typer(send_app, name="send")
 app.add_typer(offsets_app, name="offsets")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(webhooks_app, name="webhooks")
 console = Console()
 
 

@@ -123,6 +123,8 @@ class PspNotification(BaseModel):
     psp_reference: str | None = None
     payment_id: str | None = None
     """Our payment id, when the PSP echoes it (metadata)."""
+    object_id: str | None = None
+    """The PSP's id of the object the event is about (a refund id for refund events)."""
     status: str | None = None
     amount: MinorUnits = 0
     currency: str | None = None

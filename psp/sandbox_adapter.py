@@ -325,7 +325,12 @@ class SandboxAdapter:
             "POST",
             "/v1/refunds",
             idempotency_key=req.attempt_id,
-            body={"payment_intent": req.psp_reference, "amount": req.amount},
+            body={
+                "payment_intent": req.psp_reference,
+                "amount": req.amount,
+                # Like Stripe refund metadata: the refund's webhooks name our payment.
+                "metadata": {"payment_id": req.payment_id, "attempt_id": req.attempt_id},
+            },
         )
         if isinstance(answer, PspResult) or answer.status != 200:
             return self._map(answer)
@@ -379,6 +384,7 @@ class SandboxAdapter:
             type=str(event["type"]),
             psp_reference=_as_str(reference) or _as_str(obj.get("id")),
             payment_id=_as_str(metadata.get("payment_id")),
+            object_id=_as_str(obj.get("id")),
             status=_as_str(obj.get("status")),
             amount=_as_int(obj.get("amount")),
             currency=(_as_str(obj.get("currency")) or "").upper() or None,

@@ -85,6 +85,9 @@ def stack_settings(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Set
         # well within this.
         authorization_validity_seconds=20,
         expiry_sweep_interval_seconds=1.0,
+        # Merchant webhooks retried within seconds, not days.
+        webhook_retry_schedule_seconds=[0.2, 0.5, 1.0, 2.0],
+        webhook_dispatch_interval_seconds=0.1,
         app_id=f"paystream-test-{uuid.uuid4().hex[:6]}",
     )
 

@@ -397,7 +397,7 @@ def _op_refund(
     intent_id = _str_param(params, "payment_intent", required=True)
     amount = _int_param(params, "amount", required=False)
     assert intent_id is not None  # noqa: S101
-    refund, reported = state.refund(intent_id, amount, key)
+    refund, reported = state.refund(intent_id, amount, key, _metadata_param(params))
     return 200, refund.to_json(status=reported)
 
 

@@ -144,11 +144,13 @@ class Refund:
     created: datetime
     idempotency_key: str | None
     failure_reason: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
 
     def to_json(self, *, status: str | None = None) -> JsonDict:
         return {
             "id": self.id,
             "object": "refund",
+            "metadata": dict(self.metadata),
             "amount": self.amount,
             "currency": self.currency,
             "payment_intent": self.payment_intent,
@@ -599,7 +601,11 @@ class SandboxState:
         return pi
 
     def refund(
-        self, intent_id: str, amount: int | None, idempotency_key: str | None
+        self,
+        intent_id: str,
+        amount: int | None,
+        idempotency_key: str | None,
+        metadata: dict[str, str] | None = None,
     ) -> tuple[Refund, str]:
         """Create a refund; returns it and the status to report in this response."""
         pi = self.intent(intent_id)
@@ -632,6 +638,7 @@ class SandboxState:
             status="succeeded",
             created=datetime.now(UTC),
             idempotency_key=idempotency_key,
+            metadata=dict(metadata or {}),
         )
         reported = "succeeded"
         if pi.refund_fails:
