@@ -39,7 +39,7 @@ from agents.monitors import BreakerStateMonitor, LagMonitor, LedgerImbalanceMoni
 from agents.output import EventPublisher, RecordsLost
 from agents.processor import CommandProcessor
 from agents.psp_ingress import PspWebhookIngress
-from agents.state import PaymentState
+from agents.state import IdempotencyRecord, PaymentState
 from config.settings import Settings
 from psp.protocol import STATUS_NOT_FOUND, PspNotification
 from psp.registry import GuardSettings, build_router
@@ -396,7 +396,11 @@ def create_app(settings: Settings) -> faust.App:
                         new_state, outputs = processor.resolve(working, item)
                         kind = item.type
                     elif isinstance(item, ExpireAuthorization):
-                        new_state, outputs = await processor.expire(working, item, validity)
+                        try:
+                            new_state, outputs = await processor.expire(working, item, validity)
+                        except RetryLater as retry:  # the next sweep asks again
+                            log.warning("expiry of %s postponed: %s", item.payment_id, retry)
+                            continue
                         kind = item.type
                         if outputs and outputs[0].type == "payment.canceled":
                             metrics.AUTHORIZATIONS_EXPIRED.inc()
@@ -408,11 +412,22 @@ def create_app(settings: Settings) -> faust.App:
                         kind = "psp_notification"
                     else:
                         kind = item.command.type
+                        idem = item.command.idempotency_key
+                        if working is not None and idem in working.retrying:
+                            # This command is parked in a retry tier: only its due retry
+                            # runs it (a redelivered or repeated copy would race the retry
+                            # chain and could give the payment a second outcome).
+                            if work.origin is None or work.attempt < working.retrying[idem]:
+                                continue
+                            del working.retrying[idem]
+                            if working.status == "created":
+                                working = None
                         try:
                             new_state, outputs = await processor.handle(working, item)
                         except RetryLater as retry:
-                            retry_command(publisher, work, item, state, retry)
-                            continue
+                            new_state, outputs = retry_command(
+                                publisher, work, item, state, retry
+                            )
                     for output in outputs:
                         metrics.COMMANDS.labels(kind, output.type).inc()
                         publish_event(publisher, output)
@@ -482,12 +497,24 @@ def create_app(settings: Settings) -> faust.App:
     def retry_command(
         publisher: EventPublisher, work: Work, accepted: Accepted, state: PaymentState | None,
         retry: RetryLater,
-    ) -> None:
-        """A transient PSP failure: retry in a tier, or give up after the last attempt."""
+    ) -> tuple[PaymentState, list[PaymentEvent]]:
+        """A transient PSP failure: retry in a tier, or give up after the last attempt.
+
+        Returns the state to keep: it records the parked retry (so only that retry runs the
+        command), or, after the last attempt, the final failure in the command's
+        idempotency record (exactly one outcome per command; a repeat replays it).
+        """
         command = accepted.command
         origin = work.origin
         attempt = work.attempt + 1
         now = datetime.now(UTC)
+        if state is None or state.status == "created":
+            base = PaymentState(payment_id=command.payment_id, merchant_id=command.merchant_id)
+            base.amount = int(getattr(command, "amount", 0) or 0)
+            base.currency = getattr(command, "currency", None)
+        else:
+            base = state.model_copy(deep=True)
+        base.retrying.pop(command.idempotency_key, None)
         if attempt <= settings.retry_max_attempts:
             message = RetryCommand(
                 payment_id=command.payment_id,
@@ -501,20 +528,24 @@ def create_app(settings: Settings) -> faust.App:
                 first_failure_at=origin.first_failure_at if origin else now,
             )
             park(publisher, attempt, command.payment_id, message.model_dump_json(), "command")
-            return
-        # Retries exhausted: tell the merchant, and park the command for an operator. No
-        # idempotency record is kept (like Stripe after a 5xx): a replay runs it again.
+            base.retrying[command.idempotency_key] = attempt
+            return base, []
+        # Retries exhausted: the command's one outcome is a failure; the original command
+        # goes to the DLQ for an operator (a replay of it answers the same failure).
         failed_type = "payment.refund_failed" if command.type == "refund_payment" else (
             "payment.failed")
-        status = "failed" if state is None or state.status == "created" else state.status
+        base.sequence += 1
+        if base.status == "created":
+            base.status = "failed"
         reply = build_event(
-            state, command, failed_type, status,  # type: ignore[arg-type]
+            base, command, failed_type, base.status,  # type: ignore[arg-type]
             decline_code=retry.decline_code,
             reason=f"retries_exhausted: {retry.reason}",
             refund_id=getattr(command, "refund_id", None),
         )
-        metrics.COMMANDS.labels(command.type, reply.type).inc()
-        publish_event(publisher, reply)
+        base.commands[command.idempotency_key] = IdempotencyRecord(
+            fingerprint=accepted.fingerprint, events=[reply.model_dump_json()]
+        )
         original = origin.command.encode() if origin else work.event.value
         envelope = DlqEnvelope(
             stage="executor", reason="retries_exhausted", error_type="TransientPspFailure",
@@ -530,22 +561,27 @@ def create_app(settings: Settings) -> faust.App:
         metrics.DLQ_RECORDS.labels("executor", "retries_exhausted").inc()
         publisher.publish(cat.COMMANDS_DLQ, command.payment_id.encode(), scrub_payload(original),
                           envelope.to_headers())
+        return base, [reply]
 
     def park_notification(publisher: EventPublisher, work: Work, note: PspNotification) -> None:
         """A webhook about a payment we do not know (yet): retry, then dead-letter."""
         attempt = work.attempt + 1
         key = note.payment_id or work.event.key.decode()
-        if attempt <= settings.notification_max_attempts:
+        # No payment id at all (disputes, payouts): waiting will not help; an operator
+        # handles it from the DLQ. A payment id we do not know yet may be in flight.
+        reason = "unknown_payment" if note.payment_id else "no_payment_id"
+        if note.payment_id and attempt <= settings.notification_max_attempts:
             message = RetryNotification(
                 payment_id=key, attempt=attempt, notification=note.model_dump_json()
             )
             park(publisher, attempt, key, message.model_dump_json(), "notification")
             return
-        metrics.DLQ_RECORDS.labels("notification", "unknown_payment").inc()
+        metrics.DLQ_RECORDS.labels("notification", reason).inc()
         now = datetime.now(UTC)
         envelope = DlqEnvelope(
-            stage="notification", reason="unknown_payment", error_type="UnknownPayment",
-            error_message=f"no payment {key} after {attempt - 1} retries",
+            stage="notification", reason=reason, error_type="UnknownPayment",
+            error_message=f"{note.type} {note.event_id}: no payment {key} after "
+            f"{attempt - 1} retries",
             original_topic=cat.PSP_NOTIFICATIONS, original_partition=work.event.message.partition,
             original_offset=work.event.message.offset, consumer_group=group,
             attempts=attempt, first_failure_at=now, last_failure_at=now,

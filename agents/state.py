@@ -82,6 +82,10 @@ class PaymentState(BaseModel):
     pending_refunds: dict[str, PendingRefund] = Field(
         default_factory=dict, description="refund_id -> refund the PSP reported pending."
     )
+    retrying: dict[str, int] = Field(
+        default_factory=dict,
+        description="idempotency_key -> retry attempt parked in a retry tier for it.",
+    )
     applied_notifications: list[str] = Field(
         default_factory=list, description="Recent PSP event ids applied (dedupe)."
     )

@@ -49,7 +49,7 @@ from pydantic import ValidationError
 
 from config.settings import Settings
 from schemas.dlq import HEADER_PREFIX, DlqEnvelope
-from topics.catalog import COMMANDS_DLQ, EVENTS_DLQ
+from topics.catalog import COMMANDS_DLQ, EVENTS_DLQ, PSP_NOTIFICATIONS_DLQ
 from topics.kafka_config import client_config, producer_config
 
 __all__ = [
@@ -66,7 +66,7 @@ __all__ = [
     "replayed_coordinates",
 ]
 
-DLQ_TOPICS: tuple[str, ...] = (COMMANDS_DLQ, EVENTS_DLQ)
+DLQ_TOPICS: tuple[str, ...] = (COMMANDS_DLQ, EVENTS_DLQ, PSP_NOTIFICATIONS_DLQ)
 REPLAY_HEADER_PREFIX = "replay."
 QUIET_SECONDS = 1.0
 """How long a partition past its captured high watermark must stay silent to be done."""
