@@ -4,6 +4,8 @@
 * ``payment.captured`` of a manual-capture payment captures against that hold;
 * ``payment.captured`` of an automatic-capture payment posts the capture directly (the
   PSP authorized and captured in one call, so there is no hold to resolve);
+* a partial ``payment.captured`` of a manual-capture payment releases the rest of the
+  hold (the authorization ends with its capture, as with Stripe);
 * ``payment.canceled`` of a manual-capture payment releases the rest of its hold (reason
   ``expiry`` when the authorization expired, else ``void``);
 * ``payment.refunded`` gives ``amount_refunded_now`` back: the merchant's wallet pays it
@@ -59,6 +61,17 @@ def _release(event: PaymentEvent) -> ledger.HoldRelease:
         occurred_at=event.occurred_at,
         payment_id=event.payment_id,
         reason="expiry" if event.reason == "authorization_expired" else "void",
+    )
+
+
+def _capture_remainder_release(event: PaymentEvent) -> ledger.HoldRelease:
+    return ledger.HoldRelease(
+        event_id=f"{event.event_id}:release",
+        merchant_id=event.merchant_id,
+        currency=_currency(event),
+        occurred_at=event.occurred_at,
+        payment_id=event.payment_id,
+        reason="void",
     )
 
 
@@ -139,6 +152,12 @@ async def post_payment_events(
     releases = [
         _release(e) for e in events
         if e.type == "payment.canceled" and e.capture_method == "manual"
+    ]
+    # A partial capture ends the authorization (as with Stripe): the rest of the hold goes
+    # back to the customer at once.
+    releases += [
+        _capture_remainder_release(e) for e in captured
+        if e.capture_method == "manual" and e.amount_captured < e.amount
     ]
     refunds = [_refund(e) for e in events if e.type == "payment.refunded"]
     if releases:

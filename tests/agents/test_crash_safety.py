@@ -48,7 +48,7 @@ pytestmark = [
     ),
 ]
 
-TERMINAL = ("payment.captured", "payment.declined", "payment.failed")
+TERMINAL = ("payment.captured", "payment.declined", "payment.failed", "payment.canceled")
 PAYMENTS = 2_000
 
 

@@ -17,7 +17,9 @@ from config.settings import Settings
 from paystream.client import PaymentsClient
 from schemas.dlq import DlqEnvelope
 from schemas.money import fee_for
+from sinks import ledger
 from tests.agents.kafka_reader import TopicReader
+from tests.conftest import async_wait_for
 from topics.catalog import COMMANDS_DLQ, EVENTS
 
 pytestmark = pytest.mark.stack
@@ -158,6 +160,20 @@ async def test_manual_capture_partial_then_rest_is_refused(
     assert refused["type"] == "payment.rejected"
     assert "cannot capture" in refused["reason"]
     assert refused["status"] == "captured"  # the rejection does not change the payment
+
+    # The partial capture ended the authorization: the rest of the hold is released.
+    conn = await asyncpg.connect(live.pg_dsn)
+    try:
+        async def released() -> bool:
+            return bool(await conn.fetchval(
+                "SELECT release_event_id IS NOT NULL FROM ledger_holds WHERE payment_id = $1",
+                payment,
+            ))
+
+        await async_wait_for(released, within=30)
+        assert (await ledger.verify(conn)).ok
+    finally:
+        await conn.close()
 
 
 def test_declined_token_gives_decline_code_and_no_ledger_entry(
