@@ -154,7 +154,8 @@ async def test_sigkill_during_load_keeps_every_payment_exactly_once(
             pytest.fail(f"{len(unanswered)} captures unanswered: {unanswered[:3]}")
         final = await settle({"pending_verification"})
         events = await conn.fetch(
-            "SELECT payment_id, type, event_id FROM payment_events WHERE payment_id LIKE $1",
+            "SELECT payment_id, type, event_id, event->>'status' AS status FROM payment_events "
+            "WHERE payment_id LIKE $1",
             prefix + "%",
         )
         captured_in_ledger = {
@@ -170,10 +171,12 @@ async def test_sigkill_during_load_keeps_every_payment_exactly_once(
 
     terminal: dict[str, set[str]] = defaultdict(set)
     for row in events:
-        if row["type"] in TERMINAL:
+        # A failed capture (or void) leaves the payment authorized: not its final outcome.
+        if row["type"] in TERMINAL and row["status"] != "authorized":
             terminal[row["payment_id"]].add(row["event_id"])
     assert {p: len(ids) for p, ids in terminal.items() if len(ids) != 1} == {}
-    missing = sorted(set(final) - set(terminal))
+    # Still authorized (a manual payment whose capture failed) is a legitimate final state.
+    missing = sorted(p for p in set(final) - set(terminal) if final[p] != "authorized")
     history: dict[str, list[str]] = defaultdict(list)
     for row in events:
         if row["payment_id"] in missing[:3]:

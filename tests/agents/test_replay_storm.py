@@ -60,7 +60,7 @@ async def test_replay_storm_charges_each_payment_once(live: Settings) -> None:
     reader = TopicReader(live.kafka_bootstrap_servers, EVENTS)
     try:
         def answered(_records: object) -> list[dict[str, object]]:
-            mine = [v for v in reader.values() if v["merchant_id"] == merchant]
+            mine = [v for v in reader.values() if v.get("merchant_id") == merchant]
             return mine if len(mine) >= N * COPIES else []
 
         answers = reader.until(answered, timeout=180)
