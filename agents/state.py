@@ -33,7 +33,7 @@ class PendingAttempt(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    operation: Literal["authorize", "capture", "void"]
+    operation: Literal["authorize", "capture"]
     attempt_id: str
     amount: int
     """Amount of the call (authorized or to capture)."""

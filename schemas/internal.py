@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
-PendingOperation = Literal["authorize", "capture", "void"]
+PendingOperation = Literal["authorize", "capture"]
 
 
 class VerifyRequest(BaseModel):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -21,22 +20,9 @@ from sinks import ledger
 from tests.agents.kafka_reader import TopicReader
 from tests.agents.test_pipeline import events_for, sandbox_charges, unique
 from tests.conftest import wait_for
-from topics.catalog import COMMANDS_DLQ, EVENTS
+from topics.catalog import COMMANDS_DLQ
 
 pytestmark = pytest.mark.stack
-
-
-@pytest.fixture()
-def client(live: Settings) -> Iterator[PaymentsClient]:
-    with PaymentsClient(live.kafka_bootstrap_servers) as producer:
-        yield producer
-
-
-@pytest.fixture()
-def events(live: Settings) -> Iterator[TopicReader]:
-    reader = TopicReader(live.kafka_bootstrap_servers, EVENTS)
-    yield reader
-    reader.close()
 
 
 def set_faults(live: Settings, **knobs: float) -> None:

@@ -6,7 +6,6 @@ import json
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,19 +26,6 @@ pytestmark = pytest.mark.stack
 
 def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture()
-def client(live: Settings) -> Iterator[PaymentsClient]:
-    with PaymentsClient(live.kafka_bootstrap_servers) as producer:
-        yield producer
-
-
-@pytest.fixture()
-def events(live: Settings) -> Iterator[TopicReader]:
-    reader = TopicReader(live.kafka_bootstrap_servers, EVENTS)
-    yield reader
-    reader.close()
 
 
 def status_view(live: Settings, payment_id: str) -> tuple[int, dict[str, Any]]:

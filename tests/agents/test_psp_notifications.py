@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -23,7 +22,7 @@ from tests.agents.kafka_reader import TopicReader
 from tests.agents.test_lifecycle import set_faults
 from tests.agents.test_pipeline import sandbox_charges, unique
 from tests.conftest import async_wait_for
-from topics.catalog import EVENTS, PSP_NOTIFICATIONS
+from topics.catalog import PSP_NOTIFICATIONS
 
 pytestmark = pytest.mark.stack
 
@@ -36,19 +35,6 @@ def configure_webhooks(live: Settings, **knobs: Any) -> None:
         )
         with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
             assert response.status == 200
-
-
-@pytest.fixture()
-def client(live: Settings) -> Iterator[PaymentsClient]:
-    with PaymentsClient(live.kafka_bootstrap_servers) as producer:
-        yield producer
-
-
-@pytest.fixture()
-def events(live: Settings) -> Iterator[TopicReader]:
-    reader = TopicReader(live.kafka_bootstrap_servers, EVENTS)
-    yield reader
-    reader.close()
 
 
 def latest(events: TopicReader, payment_id: str) -> dict[str, Any] | None:
