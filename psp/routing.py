@@ -30,6 +30,7 @@ failover) and ``router.adapter(name)``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -42,6 +43,8 @@ from schemas.money import fee_for
 
 Operation = Literal["authorize", "capture", "void", "refund"]
 ALL_OPERATIONS: Final[frozenset[Operation]] = frozenset({"authorize", "capture", "void", "refund"})
+
+log = logging.getLogger("paystream.psp.routing")
 
 NO_ROUTE_CODE: Final = "no_eligible_psp"
 """``decline_code`` of :meth:`Router.authorize` when no PSP can take the payment."""
@@ -219,6 +222,16 @@ def is_rate_limited(result: PspResult) -> bool:
     return result.decline_code == "rate_limit" or result.message == "HTTP 429"
 
 
+def _guard_unavailable(name: str, exc: Exception) -> PspResult:
+    """The guards (breaker, slots, claims) could not be asked: the request was not sent."""
+    log.warning("PSP %s guards unavailable, request not sent: %s: %s", name,
+                type(exc).__name__, exc)
+    return PspResult(
+        outcome="not_sent", psp=name,
+        message=f"routing guards unavailable ({type(exc).__name__}); not sent",
+    )
+
+
 class UnknownPspError(KeyError):
     """No adapter is configured for the named PSP."""
 
@@ -302,7 +315,10 @@ class Router:
                 )
             candidates = decision.candidates
         if self._claims is not None:
-            owner = await self._claims.owner(req.attempt_id)
+            try:
+                owner = await self._claims.owner(req.attempt_id)
+            except Exception as exc:  # noqa: BLE001 - cannot tell where it went: send nowhere
+                return _guard_unavailable(candidates[0], exc)
             if owner is not None:
                 # Sent before (a crash lost the record of it): only the owner may see it.
                 return await self._resend_to_owner(owner, req)
@@ -339,37 +355,94 @@ class Router:
         return result
 
     async def _try(self, name: str, req: AuthorizeRequest) -> PspResult:
-        """One PSP: breaker, concurrency slot, call, report."""
+        """One PSP: breaker, concurrency slot, claim, call, report.
+
+        Guard errors (Redis unreachable, a script error) BEFORE the call mean nothing was
+        sent: the result is ``not_sent`` with the reason, so the command is retried later
+        (and never sent without its claim). Guard errors AFTER the call are logged and
+        swallowed: the PSP's answer is what matters (it may be a charge), and losing it to
+        a bookkeeping error would take the payment out of the books. A lease left behind
+        lapses by its TTL; a lost breaker sample changes nothing that matters.
+        """
+        try:
+            permit, lease, early = await self._guard(name)
+        except Exception as exc:  # noqa: BLE001 - nothing was sent; retry later
+            return _guard_unavailable(name, exc)
+        if early is not None:
+            return early
+        try:
+            if self._claims is not None:
+                try:
+                    owner = await self._claims.claim(req.attempt_id, name)
+                except Exception as exc:  # noqa: BLE001 - unclaimed: must not be sent
+                    await self._after_call(name, permit, lease, None)
+                    return _guard_unavailable(name, exc)
+                if owner != name:  # a concurrent or earlier execution sent it elsewhere
+                    await self._after_call(name, permit, lease, None)
+                    return await self._resend_to_owner(owner, req)
+            result = await self.adapter(name).authorize(req)
+        except BaseException:
+            await self._after_call(name, permit, lease, None)
+            raise
+        if self._claims is not None and result.outcome == "not_sent":
+            try:
+                await self._claims.release(req.attempt_id, name)  # certainly not received
+            except Exception as exc:  # noqa: BLE001 - a kept claim only pins the attempt
+                log.warning("could not release the claim of %s at %s: %s", req.attempt_id,
+                            name, exc)
+        await self._after_call(name, permit, lease, result)
+        return result
+
+    async def _guard(
+        self, name: str
+    ) -> tuple[BreakerPermit | None, Lease | None, PspResult | None]:
+        """Breaker permit and concurrency slot for ``name``; a third value when refused."""
         breaker = self._breakers.get(name)
         permit: BreakerPermit | None = None
         if breaker is not None:
             permit = await breaker.try_acquire()
             if permit is None:
-                return PspResult(outcome="not_sent", psp=name, message="circuit breaker open")
+                return None, None, PspResult(
+                    outcome="not_sent", psp=name, message="circuit breaker open"
+                )
         limit = self._limits.get(name)
         lease: Lease | None = None
         if limit is not None:
-            lease = await limit.acquire(self._slot_timeout)
+            try:
+                lease = await limit.acquire(self._slot_timeout)
+            except BaseException:
+                if breaker is not None and permit is not None:
+                    await breaker.release(permit)
+                raise
             if lease is None:
                 if breaker is not None and permit is not None:
                     await breaker.release(permit)
-                return PspResult(outcome="not_sent", psp=name, message="no free concurrency slot")
-        try:
-            if self._claims is not None:
-                owner = await self._claims.claim(req.attempt_id, name)
-                if owner != name:  # a concurrent or earlier execution sent it elsewhere
-                    if breaker is not None and permit is not None:
-                        await breaker.release(permit)
-                    return await self._resend_to_owner(owner, req)
-            result = await self.adapter(name).authorize(req)
-            if self._claims is not None and result.outcome == "not_sent":
-                await self._claims.release(req.attempt_id, name)  # certainly not received
-        finally:
-            if limit is not None and lease is not None:
+                return permit, None, PspResult(
+                    outcome="not_sent", psp=name, message="no free concurrency slot"
+                )
+        return permit, lease, None
+
+    async def _after_call(
+        self, name: str, permit: BreakerPermit | None, lease: Lease | None,
+        result: PspResult | None,
+    ) -> None:
+        """Give the slot back and report the result to the breaker; never raises."""
+        limit = self._limits.get(name)
+        if limit is not None and lease is not None:
+            try:
                 await limit.release(lease)
-        if breaker is not None:
-            await breaker.record_result(result, permit)
-        return result
+            except Exception as exc:  # noqa: BLE001 - the lease lapses by its TTL
+                log.warning("could not release a %s concurrency slot: %s", name, exc)
+        breaker = self._breakers.get(name)
+        if breaker is None or permit is None:
+            return
+        try:
+            if result is None:
+                await breaker.release(permit)
+            else:
+                await breaker.record_result(result, permit)
+        except Exception as exc:  # noqa: BLE001 - a lost breaker sample is harmless
+            log.warning("could not update the %s circuit breaker: %s", name, exc)
 
     async def close(self) -> None:
         """Close every adapter."""

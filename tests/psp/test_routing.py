@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis import exceptions as redis_exceptions
 
 from psp.limits import RedisConcurrencyLimit
 from psp.protocol import AuthorizeRequest, CaptureRequest, PspResult
@@ -302,3 +304,42 @@ async def test_build_router_guards_every_psp(
         assert (second.outcome, second.psp) == ("succeeded", "beta")
     finally:
         await router.close()
+
+
+class _RedisGoneAfterAcquire(RedisConcurrencyLimit):
+    """A real limit whose Redis connection is lost while the PSP call is in flight."""
+
+    async def release(self, lease: Any) -> None:
+        raise redis_exceptions.ConnectionError("Connection reset by peer (simulated)")
+
+
+async def test_redis_error_after_the_psp_call_keeps_the_psp_answer(
+    psps: Psps, redis_env: tuple[str, list[aioredis.Redis]]
+) -> None:
+    """Finding 4 of issue 11: a Redis error after the call must not lose a charge."""
+    prefix, (client,) = redis_env
+    limit = _RedisGoneAfterAcquire(client, "alpha", limit=5, key_prefix=prefix,
+                                   clock=FakeClock())
+    router = make_router(psps.alpha.base_url, psps.beta.base_url, limits={"alpha": limit})
+    try:
+        req = request()
+        result = await router.authorize(req)
+        assert (result.outcome, result.psp, result.status) == ("succeeded", "alpha", "succeeded")
+        assert [c["idempotency_key"] for c in await psps.alpha.charges()] == [req.attempt_id]
+    finally:
+        await router.close()
+
+
+async def test_redis_down_before_the_call_sends_nothing(psps: Psps, unused_port: int) -> None:
+    """Guards that cannot be asked (Redis down) mean not sent: no PSP sees the request."""
+    dead = aioredis.Redis.from_url(f"redis://127.0.0.1:{unused_port}/0")
+    adapters = [adapter_for("alpha", psps.alpha.base_url), adapter_for("beta", psps.beta.base_url)]
+    router = build_router(dead, adapters, guards=GuardSettings(key_prefix=new_prefix()),
+                          clock=FakeClock())
+    try:
+        result = await router.authorize(request())
+        assert result.outcome == "not_sent", result
+        assert await psps.alpha.charges() == [] and await psps.beta.charges() == []
+    finally:
+        await router.close()
+        await dead.aclose()
