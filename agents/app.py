@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,16 +33,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents import metrics
 from agents.events import build_event, rejection
-from agents.executor import Executor, RetryLater
+from agents.executor import Executor, RetryLater, is_positive_answer
+from agents.fees import FeeSchedule
 from agents.idempotency import MerchantIdempotencyKeys
 from agents.intake import Accepted, DeadLetter, Rejected, parse_command
 from agents.monitors import BreakerStateMonitor, LagMonitor, LedgerImbalanceMonitor
 from agents.output import EventPublisher, RecordsLost
 from agents.processor import CommandProcessor
 from agents.psp_ingress import PspWebhookIngress
+from agents.resolver import ask_psp
 from agents.state import IdempotencyRecord, PaymentState
 from config.settings import Settings
-from psp.protocol import STATUS_NOT_FOUND, PspNotification
+from psp.protocol import PspNotification
 from psp.registry import GuardSettings, build_router
 from psp.routing import Router, default_routing_table
 from psp.sandbox_adapter import SandboxAdapter
@@ -151,10 +154,11 @@ class Resources:
             )
         return self.redis
 
-    def idempotency_keys(self) -> MerchantIdempotencyKeys:
+    async def idempotency_keys(self) -> MerchantIdempotencyKeys:
         if self.merchant_keys is None:
             self.merchant_keys = MerchantIdempotencyKeys(
                 self.redis_client(),
+                await self.db(),
                 key_prefix=self.settings.app_id,
                 ttl_seconds=self.settings.idempotency_retention_seconds,
             )
@@ -300,13 +304,22 @@ def create_app(settings: Settings) -> faust.App:
     async def process_commands(stream: Any) -> AsyncIterator[None]:
         publisher = EventPublisher(settings)
         state_writer = EventPublisher(settings, single_record_batches=True)
+        fees = FeeSchedule(settings.fee_bps, settings.fee_fixed_minor)
         processor = CommandProcessor(
-            Executor(resources.psps(), settings.fee_bps, settings.fee_fixed_minor)
+            Executor(resources.psps(), settings.fee_bps, settings.fee_fixed_minor, fees)
         )
+        fees_loaded_at = -settings.fee_refresh_seconds
+
+        async def load_fees() -> None:
+            await fees.refresh(await resources.db())
+
         try:
             async for batch in stream.take_events(
                 settings.batch_max, within=settings.batch_within
             ):
+                if time.monotonic() - fees_loaded_at >= settings.fee_refresh_seconds:
+                    await with_infra_retries("loading merchant fees", load_fees)
+                    fees_loaded_at = time.monotonic()
                 metrics.BATCH_SIZE.labels("process_commands").observe(len(batch))
                 try:
                     changes = await process_command_batch(batch, publisher, processor)
@@ -419,9 +432,9 @@ def create_app(settings: Settings) -> faust.App:
                             # chain and could give the payment a second outcome).
                             if work.origin is None or work.attempt < working.retrying[idem]:
                                 continue
+                            # A "created" state carries the attempt counter: the retry
+                            # is a fresh attempt (finding 8 of issue 11).
                             del working.retrying[idem]
-                            if working.status == "created":
-                                working = None
                         try:
                             new_state, outputs = await processor.handle(working, item)
                         except RetryLater as retry:
@@ -463,7 +476,8 @@ def create_app(settings: Settings) -> faust.App:
         owners: list[str] = []
 
         async def bind() -> None:
-            owners[:] = await resources.idempotency_keys().bind(requests)
+            keys = await resources.idempotency_keys()
+            owners[:] = await keys.bind(requests)
 
         await with_infra_retries("binding idempotency keys", bind)
         for (key, work), (_m, _k, payment_id), owner in zip(
@@ -514,6 +528,7 @@ def create_app(settings: Settings) -> faust.App:
             base.currency = getattr(command, "currency", None)
         else:
             base = state.model_copy(deep=True)
+        base.attempts = max(base.attempts, retry.attempts)
         base.retrying.pop(command.idempotency_key, None)
         if attempt <= settings.retry_max_attempts:
             message = RetryCommand(
@@ -603,6 +618,7 @@ def create_app(settings: Settings) -> faust.App:
             attempt_id=pending.attempt_id,
             psp_reference=state.psp_reference,
             expected_captured=state.amount_captured + pending.amount,
+            request=pending.request,
             due_at=datetime.now(UTC) + timedelta(seconds=delay),
         )
         publisher.publish(first_tier, state.payment_id.encode(),
@@ -663,42 +679,32 @@ def create_app(settings: Settings) -> faust.App:
 
         async def look_up(event: Any, request: VerifyRequest) -> None:
             try:
-                adapter = router.adapter(request.psp)
-                if request.operation == "authorize":
-                    result = await adapter.retrieve(attempt_id=request.attempt_id)
-                else:
-                    result = await adapter.retrieve(psp_reference=request.psp_reference)
+                result = await ask_psp(router.adapter(request.psp), request)
                 lookups = request.lookups + 1
                 metrics.VERIFY_LOOKUPS.labels(request.psp, result.outcome).inc()
-                if result.outcome != "unknown":
+                if is_positive_answer(request.operation, result):
                     answer = ResolvePayment(
                         payment_id=request.payment_id, attempt_id=request.attempt_id,
-                        operation=request.operation, psp=request.psp, found=True,
-                        status=result.status, psp_reference=result.psp_reference,
-                        amount_captured=result.amount_captured,
-                        decline_code=result.decline_code, message=result.message,
+                        operation=request.operation, psp=request.psp,
+                        result=result.model_dump_json(),
+                        source="resend" if request.request is not None else "lookup",
                     )
-                elif lookups >= settings.verify_max_lookups:
-                    if result.status == STATUS_NOT_FOUND:
-                        # Looked for long enough: the request never reached the PSP.
-                        answer = ResolvePayment(
-                            payment_id=request.payment_id, attempt_id=request.attempt_id,
-                            operation=request.operation, psp=request.psp, found=False,
-                        )
-                    else:  # the PSP keeps failing: park it for an operator, still pending
-                        dead_letter(publisher, event, "resolver", "unresolved", "Unresolved",
-                                    result.message or "PSP lookups kept failing")
-                        return
-                else:
-                    next_topic, next_delay = tiers[min(tier + 1, len(tiers) - 1)]
-                    retry = request.model_copy(update={
-                        "lookups": lookups,
-                        "due_at": datetime.now(UTC) + timedelta(seconds=next_delay),
-                    })
-                    publisher.publish(next_topic, event.key, retry.model_dump_json().encode())
+                    publisher.publish(cat.INTERNAL, request.payment_id.encode(),
+                                      answer.model_dump_json().encode())
                     return
-                publisher.publish(cat.INTERNAL, request.payment_id.encode(),
-                                  answer.model_dump_json().encode())
+                if lookups >= settings.verify_max_lookups:
+                    # No answer from the PSP after every tier: the payment stays pending
+                    # (never declined or failed by us); the stuck-payment sweep asks again
+                    # later, and the dead letter tells an operator.
+                    dead_letter(publisher, event, "resolver", "unresolved", "Unresolved",
+                                result.message or f"PSP lookups kept failing ({result.outcome})")
+                    return
+                next_topic, next_delay = tiers[min(tier + 1, len(tiers) - 1)]
+                retry = request.model_copy(update={
+                    "lookups": lookups,
+                    "due_at": datetime.now(UTC) + timedelta(seconds=next_delay),
+                })
+                publisher.publish(next_topic, event.key, retry.model_dump_json().encode())
             except Exception as exc:  # noqa: BLE001 - one lookup must not stop the others
                 dead_letter_unexpected(publisher, event, "resolver", exc)
 

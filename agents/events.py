@@ -19,7 +19,9 @@ def build_event(
     """An event carrying the payment's figures after the command (zeros when unknown)."""
     fields: dict[str, object] = {
         "type": event_type,
-        "event_id": derive_event_id(envelope.merchant_id, envelope.idempotency_key, event_type),
+        "event_id": derive_event_id(
+            envelope.merchant_id, envelope.payment_id, envelope.idempotency_key, event_type
+        ),
         "payment_id": envelope.payment_id,
         "merchant_id": envelope.merchant_id,
         "command_id": envelope.command_id,

@@ -11,8 +11,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import cast
+
+from pydantic import BaseModel
 
 from agents.events import build_event, rejection
+from agents.fees import FeeSchedule
 from agents.state import (
     PaymentState,
     PendingAttempt,
@@ -40,8 +44,7 @@ from schemas.commands import (
     RefundPayment,
 )
 from schemas.events import EventType, PaymentEvent, PaymentStatus
-from schemas.internal import ResolvePayment
-from schemas.money import fee_for
+from schemas.internal import PendingOperation, ResolvePayment
 
 RETRY_DELAYS_SECONDS = (0.05, 0.2)
 """Inline retries of a retryable PSP answer (same attempt id, so safe)."""
@@ -55,6 +58,46 @@ def attempt_id(payment_id: str, operation: str, number: int | str) -> str:
 TRANSIENT_OUTCOMES = frozenset({"not_sent", "retryable_error"})
 
 
+def certainly_not_processed(result: PspResult) -> bool:
+    """The PSP certainly did nothing: not sent, or refused before processing (429)."""
+    return result.outcome == "not_sent" or is_rate_limited(result)
+
+
+def is_recorded_decline(result: PspResult) -> bool:
+    """A retryable decline (``processing_error``) the PSP recorded under the key: nothing
+    was charged, and the same key would replay it, so a retry must be a new attempt."""
+    return (
+        result.outcome == "retryable_error"
+        and result.psp_reference is not None
+        and not is_rate_limited(result)
+        and result.decline_code not in (None, "api_error")
+    )
+
+
+def may_have_been_processed(result: PspResult) -> bool:
+    """Unknown, or a 5xx without a recorded outcome: the PSP may have done it."""
+    if result.outcome == "unknown":
+        return True
+    return (
+        result.outcome == "retryable_error"
+        and not is_rate_limited(result)
+        and not is_recorded_decline(result)
+    )
+
+
+def is_positive_answer(operation: str, result: PspResult) -> bool:
+    """Whether ``result`` (to a re-sent request) states the attempt's outcome.
+
+    Only such an answer may settle a pending payment; a failed lookup (5xx, 429,
+    connection refused, a key still in flight, a timeout) is never taken for one.
+    """
+    if result.outcome in ("succeeded", "declined"):
+        return True
+    if operation == "authorize":
+        return result.outcome == "requires_action" or is_recorded_decline(result)
+    return False
+
+
 class RetryLater(Exception):  # noqa: N818 - a signal, not an error
     """The PSP call hit a transient failure: retry the command later (a retry tier).
 
@@ -63,19 +106,27 @@ class RetryLater(Exception):  # noqa: N818 - a signal, not an error
     claims make the repeat safe.
     """
 
-    def __init__(self, reason: str, decline_code: str | None = None) -> None:
+    def __init__(
+        self, reason: str, decline_code: str | None = None, attempts: int = 0
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.decline_code = decline_code
+        self.attempts = attempts
+        """Attempt ids used so far: the retry continues numbering after them, so a retry
+        after a recorded retryable decline is a fresh attempt, not a replay of it."""
 
 
 class Executor:
     """Runs commands against the PSP and builds the resulting events."""
 
-    def __init__(self, router: Router, fee_bps: int, fee_fixed: int) -> None:
+    def __init__(
+        self, router: Router, fee_bps: int, fee_fixed: int, fees: FeeSchedule | None = None
+    ) -> None:
+        """``fees``: the merchants' fee terms; without it, ``fee_bps`` and the per-currency
+        defaults (``fee_fixed`` is the USD-cents default, scaled for other currencies)."""
         self._router = router
-        self._fee_bps = fee_bps
-        self._fee_fixed = fee_fixed
+        self.fees = fees if fees is not None else FeeSchedule(fee_bps, fee_fixed)
 
     # -- event construction ------------------------------------------------------------
     @staticmethod
@@ -149,52 +200,55 @@ class Executor:
                 state, command, "payment.declined", "declined",
                 decline_code=NO_ROUTE_CODE, reason=result.message,
             )
-        if result.outcome in TRANSIENT_OUTCOMES:
+        if certainly_not_processed(result) or is_recorded_decline(result):
+            # Nothing was charged: retry later from a tier, as a fresh attempt.
             raise RetryLater(
-                f"psp_{result.outcome}: {result.message or 'no detail'}", result.decline_code
+                f"psp_{result.outcome}: {result.message or result.decline_code or 'no detail'}",
+                result.decline_code, attempts=state.attempts,
             )
         state.psp = result.psp or None
+        if may_have_been_processed(result):
+            state.pending = pending_attempt(
+                state, command, "authorize", command.amount,
+                request=AuthorizeRequest(
+                    attempt_id=attempt_id(state.payment_id, "authorize", state.attempts),
+                    payment_id=command.payment_id, merchant_id=command.merchant_id,
+                    amount=command.amount, currency=command.currency,
+                    payment_method=command.payment_method,
+                    capture_method=command.capture_method,
+                ).model_dump_json(),
+            )
+            return self.event(
+                state, command, "payment.pending_verification", "pending_verification",
+                reason=f"PSP outcome unknown ({result.message or result.outcome}); verifying",
+            )
+        return self._authorize_outcome(state, command, result, command.amount)
+
+    def _authorize_outcome(
+        self, state: PaymentState, envelope: CommandEnvelope, result: PspResult, amount: int
+    ) -> PaymentEvent:
+        """The event for an authorization the PSP has answered (directly or when re-sent)."""
         if result.psp_reference:
             state.psp_reference = result.psp_reference
+        if result.outcome == "succeeded" and result.status == "canceled":
+            return self.event(state, envelope, "payment.canceled", "canceled")
         match result.outcome:
-            case "succeeded" if command.capture_method == "automatic":
-                state.amount_captured = command.amount
-                fee = fee_for(command.amount, self._fee_bps, self._fee_fixed)
+            case "succeeded" if state.capture_method == "automatic":
+                state.amount_captured = amount
+                fee = self.fees.fee(state.merchant_id, state.currency, amount)
                 return self.event(
-                    state, command, "payment.captured", "captured",
-                    fee=fee, amount_captured_now=command.amount,
+                    state, envelope, "payment.captured", "captured",
+                    fee=fee, amount_captured_now=amount,
                 )
             case "succeeded":
                 state.authorized_at = datetime.now(UTC)
-                return self.event(state, command, "payment.authorized", "authorized")
+                return self.event(state, envelope, "payment.authorized", "authorized")
             case "requires_action":
-                return self.event(state, command, "payment.requires_action", "requires_action")
-            case "declined":
+                return self.event(state, envelope, "payment.requires_action", "requires_action")
+            case _:  # declined, or a recorded retryable decline
                 return self.event(
-                    state,
-                    command,
-                    "payment.declined",
-                    "declined",
-                    decline_code=result.decline_code,
-                    reason=result.message,
-                )
-            case "unknown":
-                state.pending = pending_attempt(state, command, "authorize", command.amount)
-                return self.event(
-                    state,
-                    command,
-                    "payment.pending_verification",
-                    "pending_verification",
-                    reason="PSP outcome unknown (timeout or lost response); verifying",
-                )
-            case _:  # not_sent, or still retryable after the inline retries
-                return self.event(
-                    state,
-                    command,
-                    "payment.failed",
-                    "failed",
-                    decline_code=result.decline_code,
-                    reason=f"psp_{result.outcome}: {result.message or 'no detail'}",
+                    state, envelope, "payment.declined", "declined",
+                    decline_code=result.decline_code, reason=result.message,
                 )
 
     async def capture(self, state: PaymentState, command: CapturePayment) -> PaymentEvent:
@@ -218,34 +272,50 @@ class Executor:
             )
 
         result = await self._call_with_retries(state, capture, "capture")
-        if result.outcome in TRANSIENT_OUTCOMES:
+        if certainly_not_processed(result):
             raise RetryLater(
                 f"capture psp_{result.outcome}: {result.message or 'no detail'}",
                 result.decline_code,
             )
+        if may_have_been_processed(result):
+            request = CaptureRequest(
+                attempt_id=attempt_id(state.payment_id, "capture", state.attempts),
+                payment_id=command.payment_id, psp_reference=reference, amount=amount,
+            )
+            return self._verify(state, command, "capture", amount, request, result)
+        return self._capture_outcome(state, command, result, amount)
+
+    def _capture_outcome(
+        self, state: PaymentState, envelope: CommandEnvelope, result: PspResult, amount: int
+    ) -> PaymentEvent:
         if result.outcome == "succeeded":
             state.amount_captured += amount
-            fee = fee_for(amount, self._fee_bps, self._fee_fixed)
+            fee = self.fees.fee(state.merchant_id, state.currency, amount)
             return self.event(
-                state, command, "payment.captured", "captured",
+                state, envelope, "payment.captured", "captured",
                 fee=fee, amount_captured_now=amount,
             )
-        if result.outcome == "unknown":
-            state.pending = pending_attempt(state, command, "capture", amount)
-            return self.event(
-                state,
-                command,
-                "payment.pending_verification",
-                "pending_verification",
-                reason="capture outcome unknown (timeout or lost response); verifying",
-            )
         return self.event(
-            state,
-            command,
-            "payment.failed",
-            "authorized",
+            state, envelope, "payment.failed", "authorized",
             decline_code=result.decline_code,
             reason=f"capture failed: psp_{result.outcome}: {result.message or 'no detail'}",
+        )
+
+    def _verify(
+        self, state: PaymentState, envelope: CommandEnvelope, operation: str, amount: int,
+        request: BaseModel, result: PspResult, refund_id: str | None = None,
+    ) -> PaymentEvent:
+        """The outcome is unknown: the payment waits in ``pending_verification`` until the
+        PSP states it (the resolver re-sends ``request`` under the same attempt id)."""
+        state.pending = pending_attempt(
+            state, envelope, operation, amount,
+            request=request.model_dump_json(), refund_id=refund_id,
+            attempt=str(getattr(request, "attempt_id", "")),
+        )
+        return self.event(
+            state, envelope, "payment.pending_verification", "pending_verification",
+            reason=f"{operation} outcome unknown ({result.message or result.outcome}); "
+            "verifying", refund_id=refund_id,
         )
 
     async def void(
@@ -263,21 +333,25 @@ class Executor:
         if state.psp_reference is None or state.psp is None:
             return rejection(state, envelope, "state_violation: no PSP reference to void")
         adapter = self._router.adapter(state.psp)
-        reference = state.psp_reference
-
-        def void(attempt: str) -> Awaitable[PspResult]:
-            return adapter.void(
-                VoidRequest(attempt_id=attempt, payment_id=state.payment_id,
-                            psp_reference=reference)
-            )
-
-        result = await _single_call(void, attempt_id(state.payment_id, "void", 1))
-        if result.outcome in TRANSIENT_OUTCOMES or result.outcome == "unknown":
+        request = VoidRequest(
+            attempt_id=attempt_id(state.payment_id, "void", 1), payment_id=state.payment_id,
+            psp_reference=state.psp_reference,
+        )
+        result = await _single_call(lambda _attempt: adapter.void(request), request.attempt_id)
+        if certainly_not_processed(result):
             raise RetryLater(f"void psp_{result.outcome}: {result.message or 'no detail'}")
+        if may_have_been_processed(result):
+            return self._verify(state, envelope, "void", 0, request, result)
+        return self._void_outcome(state, envelope, result, reason)
+
+    def _void_outcome(
+        self, state: PaymentState, envelope: CommandEnvelope, result: PspResult,
+        reason: str | None,
+    ) -> PaymentEvent:
         if result.outcome == "succeeded":
             return self.event(state, envelope, "payment.canceled", "canceled", reason=reason)
         return self.event(
-            state, envelope, "payment.failed", state_status(state),
+            state, envelope, "payment.failed", "authorized",
             decline_code=result.decline_code,
             reason=f"void failed: psp_{result.outcome}: {result.message or 'no detail'}",
         )
@@ -297,36 +371,39 @@ class Executor:
         if state.psp_reference is None or state.psp is None:
             return rejection(state, command, "state_violation: no PSP reference to refund")
         adapter = self._router.adapter(state.psp)
-        reference = state.psp_reference
-
-        def refund(attempt: str) -> Awaitable[PspResult]:
-            return adapter.refund(
-                RefundRequest(attempt_id=attempt, payment_id=state.payment_id,
-                              psp_reference=reference, amount=amount)
-            )
-
         # One attempt id per refund_id: a retried or re-executed refund command is the same
         # refund at the PSP, never a second one.
-        result = await _single_call(
-            refund, attempt_id(state.payment_id, "refund", command.refund_id)
+        request = RefundRequest(
+            attempt_id=attempt_id(state.payment_id, "refund", command.refund_id),
+            payment_id=state.payment_id, psp_reference=state.psp_reference, amount=amount,
         )
-        if result.outcome in TRANSIENT_OUTCOMES or result.outcome == "unknown":
+        result = await _single_call(lambda _attempt: adapter.refund(request), request.attempt_id)
+        if certainly_not_processed(result):
             raise RetryLater(f"refund psp_{result.outcome}: {result.message or 'no detail'}")
+        if may_have_been_processed(result):
+            return self._verify(state, command, "refund", amount, request, result,
+                                refund_id=command.refund_id)
+        return self._refund_outcome(state, command, command.refund_id, result, amount)
+
+    def _refund_outcome(
+        self, state: PaymentState, envelope: CommandEnvelope, refund_id: str,
+        result: PspResult, amount: int,
+    ) -> PaymentEvent | None:
         if result.outcome == "succeeded" and result.status == "pending":
-            state.pending_refunds[command.refund_id] = PendingRefund(
-                refund_id=command.refund_id,
+            state.pending_refunds[refund_id] = PendingRefund(
+                refund_id=refund_id,
                 refund_reference=result.refund_reference,
                 amount=amount,
-                command_id=command.command_id,
-                idempotency_key=command.idempotency_key,
-                command_created_at=command.created_at,
+                command_id=envelope.command_id,
+                idempotency_key=envelope.idempotency_key,
+                command_created_at=envelope.created_at,
             )
             return None
         if result.outcome == "succeeded":
-            return self._refunded(state, command, command.refund_id, amount)
+            return self._refunded(state, envelope, refund_id, amount)
         return self.event(
-            state, command, "payment.refund_failed", state_status(state),
-            refund_id=command.refund_id, decline_code=result.decline_code,
+            state, envelope, "payment.refund_failed", state_status(state),
+            refund_id=refund_id, decline_code=result.decline_code,
             reason=f"refund failed: {result.message or result.decline_code or 'declined'}",
         )
 
@@ -362,21 +439,7 @@ class Executor:
         ):
             return None  # about another PaymentIntent (e.g. a failed-over attempt)
         if state.status == "pending_verification" and state.pending is not None:
-            if note.psp_reference is None:
-                return None
-            answer = ResolvePayment(
-                payment_id=state.payment_id,
-                attempt_id=state.pending.attempt_id,
-                operation=state.pending.operation,
-                psp=note.psp,
-                found=True,
-                status=note.status,
-                psp_reference=note.psp_reference,
-                amount_captured=note.amount if note.status == "succeeded" else 0,
-            )
-            if state.pending.operation == "capture" and note.status != "succeeded":
-                return None  # only a success settles a pending capture by webhook
-            return self.resolve(state, answer)
+            return self._settle_by_webhook(state, state.pending, note)
         if state.status == "requires_action":
             return self._after_action(state, note)
         return None
@@ -391,7 +454,7 @@ class Executor:
         match note.status:
             case "succeeded":
                 state.amount_captured = state.amount
-                fee = fee_for(state.amount, self._fee_bps, self._fee_fixed)
+                fee = self.fees.fee(state.merchant_id, state.currency, state.amount)
                 return self.event(state, envelope, "payment.captured", "captured",
                                   fee=fee, amount_captured_now=state.amount)
             case "requires_capture":
@@ -442,9 +505,46 @@ class Executor:
                 )
         return None
 
+    def _settle_by_webhook(
+        self, state: PaymentState, pending: PendingAttempt, note: PspNotification
+    ) -> PaymentEvent | None:
+        """A webhook settles a pending authorization only if it is about that very attempt.
+
+        The PSP echoes our attempt id (its metadata): a late webhook of an earlier attempt
+        (say a retryable decline, superseded by a new attempt) must not settle the new
+        one. Other pending operations (capture, void, refund) are settled by re-sending
+        their request; a webhook without our attempt id settles nothing.
+        """
+        if pending.operation != "authorize" or note.attempt_id != pending.attempt_id:
+            return None
+        if note.psp_reference is None or note.status is None:
+            return None
+        outcome = {
+            "succeeded": "succeeded", "requires_capture": "succeeded",
+            "canceled": "succeeded", "requires_action": "requires_action",
+            "requires_payment_method": "declined",
+        }.get(note.status)
+        if outcome is None:
+            return None
+        result = PspResult.model_validate({
+            "outcome": outcome, "psp": note.psp, "psp_reference": note.psp_reference,
+            "status": note.status,
+            "decline_code": "card_declined" if outcome == "declined" else None,
+            "message": f"PSP webhook {note.type}",
+        })
+        return self.resolve(state, ResolvePayment(
+            payment_id=state.payment_id, attempt_id=pending.attempt_id,
+            operation="authorize", psp=note.psp, result=result.model_dump_json(),
+            source="webhook",
+        ))
+
     # -- unknown outcomes ---------------------------------------------------------------
     def resolve(self, state: PaymentState, answer: ResolvePayment) -> PaymentEvent | None:
-        """Apply the PSP's answer about a pending attempt; None when it is stale."""
+        """Apply the PSP's answer about a pending attempt; None when it is stale.
+
+        ``answer.result`` is the PSP's own statement of the outcome (the resolver sends
+        nothing else), applied exactly as if the original call had returned it.
+        """
         pending = state.pending
         if (
             state.status != "pending_verification"
@@ -452,8 +552,11 @@ class Executor:
             or pending.attempt_id != answer.attempt_id
         ):
             return None  # already resolved, or an answer about another attempt
+        result = PspResult.model_validate_json(answer.result)
+        if not is_positive_answer(pending.operation, result):
+            return None  # never settle on a failed lookup
         envelope = CommandEnvelope(
-            type="authorize_payment" if pending.operation == "authorize" else "capture_payment",
+            type=_COMMAND_TYPES[pending.operation],
             schema_version=1,
             command_id=pending.command_id,
             merchant_id=state.merchant_id,
@@ -462,55 +565,29 @@ class Executor:
             created_at=pending.command_created_at,
         )
         state.pending = None
-        if answer.psp_reference:
-            state.psp_reference = answer.psp_reference
+        if pending.prior_status is not None:
+            state.status = pending.prior_status  # type: ignore[assignment]
         if pending.operation == "authorize":
-            return self._resolve_authorize(state, envelope, answer, pending.amount)
-        return self._resolve_capture(state, envelope, answer, pending.amount)
-
-    def _resolve_authorize(
-        self, state: PaymentState, envelope: CommandEnvelope, answer: ResolvePayment, amount: int
-    ) -> PaymentEvent:
-        if not answer.found:
-            return self.event(
-                state, envelope, "payment.failed", "failed",
-                reason="the PSP has no record of the attempt: nothing was charged",
-            )
-        match answer.status:
-            case "succeeded":
-                state.amount_captured = amount
-                fee = fee_for(amount, self._fee_bps, self._fee_fixed)
-                return self.event(
-                    state, envelope, "payment.captured", "captured",
-                    fee=fee, amount_captured_now=amount,
-                )
-            case "requires_capture":
-                state.authorized_at = datetime.now(UTC)
-                return self.event(state, envelope, "payment.authorized", "authorized")
-            case "requires_action":
-                return self.event(state, envelope, "payment.requires_action", "requires_action")
-            case "canceled":
-                return self.event(state, envelope, "payment.canceled", "canceled")
-            case _:
-                return self.event(
-                    state, envelope, "payment.declined", "declined",
-                    decline_code=answer.decline_code, reason=answer.message,
-                )
-
-    def _resolve_capture(
-        self, state: PaymentState, envelope: CommandEnvelope, answer: ResolvePayment, amount: int
-    ) -> PaymentEvent:
-        if answer.found and answer.amount_captured >= state.amount_captured + amount:
-            state.amount_captured += amount
-            fee = fee_for(amount, self._fee_bps, self._fee_fixed)
-            return self.event(
-                state, envelope, "payment.captured", "captured",
-                fee=fee, amount_captured_now=amount,
-            )
-        return self.event(
-            state, envelope, "payment.failed", "authorized",
-            reason="the capture did not happen at the PSP; the authorization stands",
+            state.psp = result.psp or state.psp
+            return self._authorize_outcome(state, envelope, result, pending.amount)
+        if pending.operation == "capture":
+            return self._capture_outcome(state, envelope, result, pending.amount)
+        if pending.operation == "void":
+            reason = "authorization_expired" if pending.idempotency_key == EXPIRY_KEY else None
+            return self._void_outcome(state, envelope, result, reason)
+        return self._refund_outcome(
+            state, envelope, pending.refund_id or "", result, pending.amount
         )
+
+
+_COMMAND_TYPES: dict[str, str] = {
+    "authorize": "authorize_payment", "capture": "capture_payment",
+    "void": "void_payment", "refund": "refund_payment",
+}
+
+EXPIRY_KEY = "paystream:expiry"
+"""The idempotency key of the void an expiry makes. Merchant keys may not start with
+``paystream:`` (intake rejects them), so it never collides with a merchant's key."""
 
 
 async def _single_call(
@@ -532,15 +609,19 @@ def state_status(state: PaymentState) -> PaymentStatus:
 
 
 def pending_attempt(
-    state: PaymentState, command: CommandEnvelope, operation: str, amount: int
+    state: PaymentState, command: CommandEnvelope, operation: str, amount: int, *,
+    request: str, refund_id: str | None = None, attempt: str = "",
 ) -> PendingAttempt:
-    """The attempt just made (the last attempt id), to look up later."""
+    """The attempt just made, to settle by re-sending ``request`` (same attempt id)."""
     return PendingAttempt(
-        operation="authorize" if operation == "authorize" else "capture",
-        attempt_id=attempt_id(state.payment_id, operation, state.attempts),
+        operation=cast(PendingOperation, operation),
+        attempt_id=attempt or attempt_id(state.payment_id, operation, state.attempts),
         amount=amount,
         command_id=command.command_id,
         idempotency_key=command.idempotency_key,
         command_created_at=command.created_at,
+        request=request,
+        refund_id=refund_id,
+        prior_status=None if state.status == "created" else state.status,
+        since=datetime.now(UTC),
     )
-

@@ -8,31 +8,60 @@ binds ``merchant_id + idempotency_key`` to the first ``payment_id`` that used it
 ``idempotency_retention_seconds`` (Stripe keeps keys for at least 24 h); a command whose key
 is bound to another payment is an idempotency conflict and nothing is charged.
 
-One Redis round trip per batch: a pipeline of one small Lua script per command.
+The binding is durable in PostgreSQL (``idempotency_keys``; one statement per batch), so a
+Redis flush, eviction or failover cannot let a key charge twice within its retention.
+Redis is a cache in front of it (one pipelined round trip per batch): a hit for the same
+payment skips PostgreSQL; anything else asks PostgreSQL, which decides. A cache error is
+only logged.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
+import asyncpg
 import redis.asyncio as aioredis
 
-_BIND = """
-local owner = redis.call('GET', KEYS[1])
-if owner then return owner end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return ARGV[1]
+log = logging.getLogger("paystream.agents.idempotency")
+
+_BIND_SQL = """
+WITH req AS (
+    SELECT DISTINCT ON (merchant_id, idempotency_key) merchant_id, idempotency_key, payment_id
+      FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY
+           AS r(merchant_id, idempotency_key, payment_id, ord)
+     ORDER BY merchant_id, idempotency_key, ord
+), bound AS (
+    INSERT INTO idempotency_keys AS k (merchant_id, idempotency_key, payment_id)
+    SELECT merchant_id, idempotency_key, payment_id FROM req
+    ON CONFLICT (merchant_id, idempotency_key) DO UPDATE
+       SET payment_id = EXCLUDED.payment_id, bound_at = now()
+     WHERE k.bound_at < now() - make_interval(secs => $4::double precision)
+    RETURNING k.merchant_id, k.idempotency_key, k.payment_id
+)
+SELECT r.merchant_id, r.idempotency_key, COALESCE(b.payment_id, k.payment_id) AS owner
+  FROM req r
+  LEFT JOIN bound b USING (merchant_id, idempotency_key)
+  LEFT JOIN idempotency_keys k USING (merchant_id, idempotency_key)
+"""
+
+_OWNERS_SQL = """
+SELECT merchant_id, idempotency_key, payment_id AS owner FROM idempotency_keys
+ WHERE (merchant_id, idempotency_key) IN (
+       SELECT * FROM unnest($1::text[], $2::text[]))
 """
 
 
 class MerchantIdempotencyKeys:
-    """Redis index ``(merchant_id, idempotency_key) -> payment_id``."""
+    """``(merchant_id, idempotency_key) -> payment_id``: PostgreSQL, with a Redis cache."""
 
-    def __init__(self, redis: aioredis.Redis, *, key_prefix: str, ttl_seconds: int) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, pool: asyncpg.Pool, *, key_prefix: str, ttl_seconds: int
+    ) -> None:
         self._redis = redis
+        self._pool = pool
         self._prefix = key_prefix
         self._ttl = ttl_seconds
-        self._script = redis.register_script(_BIND)
 
     def _key(self, merchant_id: str, idempotency_key: str) -> str:
         return f"{self._prefix}:idem:{merchant_id}:{idempotency_key}"
@@ -42,10 +71,53 @@ class MerchantIdempotencyKeys:
         (the given ``payment_id`` when the key was free or already its own)."""
         if not requests:
             return []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for merchant_id, key, payment_id in requests:
-                await self._script(
-                    keys=[self._key(merchant_id, key)], args=[payment_id, self._ttl], client=pipe
+        cached = await self._cached(requests)
+        owners: dict[tuple[str, str], str] = {}
+        missing = [
+            (m, k, p) for (m, k, p), hit in zip(requests, cached, strict=True) if hit != p
+        ]
+        for (m, k, p), hit in zip(requests, cached, strict=True):
+            if hit == p:
+                owners[(m, k)] = p
+        if missing:
+            owners.update(await self._bind_durably(missing))
+            await self._cache({key: owner for key, owner in owners.items()})
+        return [owners[(m, k)] for m, k, _p in requests]
+
+    async def _bind_durably(
+        self, requests: Sequence[tuple[str, str, str]]
+    ) -> dict[tuple[str, str], str]:
+        merchants = [m for m, _k, _p in requests]
+        keys = [k for _m, k, _p in requests]
+        payments = [p for _m, _k, p in requests]
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(_BIND_SQL, merchants, keys, payments, float(self._ttl))
+            owners = {(r["merchant_id"], r["idempotency_key"]): r["owner"] for r in rows}
+            unknown = [mk for mk, owner in owners.items() if owner is None]
+            if unknown:  # bound concurrently by another worker after our snapshot
+                again = await conn.fetch(
+                    _OWNERS_SQL, [m for m, _k in unknown], [k for _m, k in unknown]
                 )
-            results = await pipe.execute()
-        return [r.decode() if isinstance(r, bytes) else str(r) for r in results]
+                owners.update({(r["merchant_id"], r["idempotency_key"]): r["owner"]
+                               for r in again})
+        return {mk: str(owner) for mk, owner in owners.items()}
+
+    async def _cached(self, requests: Sequence[tuple[str, str, str]]) -> list[str | None]:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for merchant_id, key, _payment in requests:
+                    pipe.get(self._key(merchant_id, key))
+                results = await pipe.execute()
+        except Exception as exc:  # noqa: BLE001 - the cache is optional; PostgreSQL decides
+            log.warning("idempotency cache unavailable: %s: %s", type(exc).__name__, exc)
+            return [None] * len(requests)
+        return [r.decode() if isinstance(r, bytes) else None for r in results]
+
+    async def _cache(self, owners: dict[tuple[str, str], str]) -> None:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for (merchant_id, key), owner in owners.items():
+                    pipe.set(self._key(merchant_id, key), owner, ex=self._ttl)
+                await pipe.execute()
+        except Exception as exc:  # noqa: BLE001 - the cache is optional
+            log.warning("idempotency cache not updated: %s: %s", type(exc).__name__, exc)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from agents.events import rejection
-from agents.executor import Executor, RetryLater
+from agents.executor import EXPIRY_KEY, Executor, RetryLater
 from agents.intake import Accepted
 from agents.state import IdempotencyRecord, PaymentState
 from psp.protocol import PspNotification
@@ -28,7 +28,11 @@ from schemas.internal import ExpireAuthorization, ResolvePayment
 MAX_REMEMBERED_NOTIFICATIONS = 50
 """PSP event ids kept per payment for deduplication (webhooks are few per payment)."""
 
-__all__ = ["CommandProcessor", "RetryLater"]
+RESERVED_KEY_PREFIX = "paystream:"
+"""Idempotency keys of paystream's own operations (an expiry's void) start with this;
+a merchant's may not, so the two can never collide."""
+
+__all__ = ["RESERVED_KEY_PREFIX", "CommandProcessor", "RetryLater"]
 
 
 class CommandProcessor:
@@ -45,6 +49,12 @@ class CommandProcessor:
         self, state: PaymentState | None, accepted: Accepted
     ) -> tuple[PaymentState | None, list[PaymentEvent]]:
         command = accepted.command
+        if command.idempotency_key.startswith(RESERVED_KEY_PREFIX):
+            return state, [rejection(
+                None, command,
+                f"invalid_command: idempotency keys starting with {RESERVED_KEY_PREFIX!r} are "
+                "reserved for paystream's own operations",
+            )]
         if state is not None:
             if state.merchant_id != command.merchant_id:
                 # Do not reveal anything about another merchant's payment.
@@ -68,14 +78,19 @@ class CommandProcessor:
 
         event: PaymentEvent | None
         if isinstance(command, AuthorizePayment):
-            if state is not None:
+            # A "created" state with no parked retry is the due retry of this very command
+            # (its attempt counter carries on, so a retry is a fresh attempt).
+            if state is not None and (state.status != "created" or state.retrying):
                 return state, [
                     rejection(state, command, "state_violation: payment_id already exists")
                 ]
-            state = PaymentState(payment_id=command.payment_id, merchant_id=command.merchant_id)
+            if state is None:
+                state = PaymentState(
+                    payment_id=command.payment_id, merchant_id=command.merchant_id
+                )
             event = await self._executor.authorize(state, command)
-        elif state is None:
-            return None, [rejection(None, command, "state_violation: unknown payment")]
+        elif state is None or state.status == "created":
+            return state, [rejection(None, command, "state_violation: unknown payment")]
         elif isinstance(command, CapturePayment):
             event = await self._executor.capture(state, command)
         elif isinstance(command, VoidPayment):
@@ -135,7 +150,7 @@ class CommandProcessor:
             schema_version=1,
             command_id=f"expiry_{state.payment_id}",
             merchant_id=state.merchant_id,
-            idempotency_key=f"expiry:{state.payment_id}",
+            idempotency_key=EXPIRY_KEY,
             payment_id=state.payment_id,
             created_at=request.requested_at,
         )

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from schemas.events import PaymentStatus
+from schemas.internal import PendingOperation
 
 Status = PaymentStatus | Literal["created"]
 
@@ -29,18 +30,30 @@ class IdempotencyRecord(BaseModel):
 
 
 class PendingAttempt(BaseModel):
-    """A PSP call whose outcome is unknown, and the command that made it."""
+    """A PSP call whose outcome is unknown, and the command that made it.
+
+    Only the PSP's positive statement settles it: the resolver re-sends ``request`` (same
+    attempt id, so the PSP's idempotency replays the first answer or, if the first never
+    arrived, processes it once) until the PSP answers with an outcome. A lookup that fails
+    is never taken as an answer.
+    """
 
     model_config = ConfigDict(frozen=True)
 
-    operation: Literal["authorize", "capture"]
+    operation: PendingOperation
     attempt_id: str
     amount: int
-    """Amount of the call (authorized or to capture)."""
+    """Amount of the call (authorized, to capture or to refund)."""
     command_id: str
     idempotency_key: str
     command_created_at: AwareDatetime
-
+    request: str | None = None
+    """JSON of the PSP request (``psp.protocol``'s model for ``operation``) to re-send."""
+    refund_id: str | None = None
+    prior_status: str | None = None
+    """The payment's status before the call (what a refused capture/void/refund keeps)."""
+    since: AwareDatetime | None = None
+    """When the outcome became unknown (the stuck-payment sweep measures from here)."""
 
 class PendingRefund(BaseModel):
     """A refund the PSP accepted as ``pending``: final only when its webhook says so."""

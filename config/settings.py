@@ -152,7 +152,15 @@ class Settings(BaseSettings):
 
     # --- money --------------------------------------------------------------------------
     fee_bps: int = Field(290, description="Default merchant fee, basis points of the amount.")
-    fee_fixed_minor: int = Field(30, description="Default fixed fee per capture, minor units.")
+    fee_fixed_minor: int = Field(
+        30,
+        description="Default fixed fee per capture, in US cents; other currencies use their "
+        "own default (agents/fees.py: ¥30, 0.100 KWD, ...) unless the merchant has terms "
+        "in merchant_fees.",
+    )
+    fee_refresh_seconds: float = Field(
+        30.0, description="How often workers reload the merchants' fee terms.", gt=0
+    )
 
     def psp_endpoints(self) -> list[PspEndpoint]:
         """The configured PSPs, in the fallback order."""

@@ -123,6 +123,9 @@ class PspNotification(BaseModel):
     psp_reference: str | None = None
     payment_id: str | None = None
     """Our payment id, when the PSP echoes it (metadata)."""
+    attempt_id: str | None = None
+    """Our attempt id (the idempotency key of the call that created the object), when the
+    PSP echoes it (metadata): a webhook settles only the attempt it is about."""
     object_id: str | None = None
     """The PSP's id of the object the event is about (a refund id for refund events)."""
     status: str | None = None

@@ -384,9 +384,13 @@ class Router:
         except BaseException:
             await self._after_call(name, permit, lease, None)
             raise
-        if self._claims is not None and result.outcome == "not_sent":
+        if self._claims is not None and (
+            result.outcome == "not_sent" or is_rate_limited(result)
+        ):
             try:
-                await self._claims.release(req.attempt_id, name)  # certainly not received
+                # Certainly not processed (not sent, or refused with a 429): the attempt
+                # may go to another PSP, which a kept claim would forbid.
+                await self._claims.release(req.attempt_id, name)
             except Exception as exc:  # noqa: BLE001 - a kept claim only pins the attempt
                 log.warning("could not release the claim of %s at %s: %s", req.attempt_id,
                             name, exc)

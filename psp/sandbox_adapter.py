@@ -384,6 +384,7 @@ class SandboxAdapter:
             type=str(event["type"]),
             psp_reference=_as_str(reference) or _as_str(obj.get("id")),
             payment_id=_as_str(metadata.get("payment_id")),
+            attempt_id=_as_str(metadata.get("attempt_id")),
             object_id=_as_str(obj.get("id")),
             status=_as_str(obj.get("status")),
             amount=_as_int(obj.get("amount")),

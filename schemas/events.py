@@ -48,9 +48,17 @@ STATUSES: tuple[str, ...] = PaymentStatus.__args__  # type: ignore[attr-defined]
 _EVENT_NAMESPACE = uuid.UUID("5f0c6b1e-8f8a-4a52-9a56-3c3c8f1e2a10")
 
 
-def derive_event_id(merchant_id: str, idempotency_key: str, event_type: str, seq: int = 0) -> str:
-    """A stable event id for the ``seq``-th event of ``event_type`` caused by one command."""
-    name = f"{merchant_id}\x1f{idempotency_key}\x1f{event_type}\x1f{seq}"
+def derive_event_id(
+    merchant_id: str, payment_id: str, idempotency_key: str, event_type: str, seq: int = 0
+) -> str:
+    """A stable event id for the ``seq``-th event of ``event_type`` caused by one command.
+
+    The payment is part of the name: a merchant may reuse an idempotency key for another
+    payment once the key's retention is over, and that payment's events must not share
+    ids with the first one's (the ledger, the event log and the webhook outbox skip an id
+    they have seen).
+    """
+    name = f"{merchant_id}\x1f{payment_id}\x1f{idempotency_key}\x1f{event_type}\x1f{seq}"
     return f"evt_{uuid.uuid5(_EVENT_NAMESPACE, name).hex}"
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
-PendingOperation = Literal["authorize", "capture"]
+PendingOperation = Literal["authorize", "capture", "void", "refund"]
 
 
 class VerifyRequest(BaseModel):
@@ -30,13 +30,21 @@ class VerifyRequest(BaseModel):
     psp_reference: str | None = None
     expected_captured: int = 0
     """For a capture: the total captured at the PSP if the capture went through."""
+    request: str | None = None
+    """JSON of the PSP request to re-send with the same attempt id (the preferred lookup:
+    the PSP's idempotency returns the real outcome even while the first call is in flight)."""
     lookups: int = 0
     """Lookups already made."""
     due_at: AwareDatetime
 
 
 class ResolvePayment(BaseModel):
-    """The PSP's answer about an attempt whose outcome was unknown."""
+    """The PSP's answer about an attempt whose outcome was unknown.
+
+    ``result`` is the JSON of the ``psp.protocol.PspResult`` the PSP gave to the re-sent
+    request (or a lookup). The resolver only sends a positive statement of an outcome: a
+    lookup that failed (5xx, 429, connection refused, still in flight) is never an answer.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -45,13 +53,8 @@ class ResolvePayment(BaseModel):
     attempt_id: str
     operation: PendingOperation
     psp: str
-    found: bool
-    """False: the PSP has no record of the attempt after every lookup (nothing charged)."""
-    status: str | None = None
-    psp_reference: str | None = None
-    amount_captured: int = 0
-    decline_code: str | None = None
-    message: str | None = None
+    result: str
+    source: Literal["resend", "lookup", "webhook", "operator"] = "resend"
 
 
 class ExpireAuthorization(BaseModel):

@@ -88,6 +88,7 @@ def stack_settings(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Set
         # Merchant webhooks retried within seconds, not days.
         webhook_retry_schedule_seconds=[0.2, 0.5, 1.0, 2.0],
         webhook_dispatch_interval_seconds=0.1,
+        fee_refresh_seconds=1.0,
         app_id=f"paystream-test-{uuid.uuid4().hex[:6]}",
     )
 

@@ -171,11 +171,12 @@ def test_uncaptured_authorization_expires_and_its_hold_is_released(
     assert charge["status"] == "canceled"
 
 
-async def test_transient_psp_failure_is_retried_from_a_tier_and_charges_once(
+async def test_transient_psp_refusal_is_retried_from_a_tier_and_charges_once(
     live: Settings, client: PaymentsClient, events: TopicReader
 ) -> None:
+    """429 at every PSP: refused before processing, so the command waits in a retry tier."""
     before = metric_total(live, "paystream_retries_total", kind="command")
-    set_faults(live, error_rate=1.0)
+    set_faults(live, rate_limit_rate=1.0)
     try:
         payment, merchant = unique("pay"), unique("m")
         client.authorize(merchant_id=merchant, payment_id=payment, idempotency_key="a",
@@ -184,17 +185,50 @@ async def test_transient_psp_failure_is_retried_from_a_tier_and_charges_once(
         wait_for(lambda: metric_total(live, "paystream_retries_total", kind="command") > before)
         assert not [v for v in events.values() if v["payment_id"] == payment]
     finally:
-        set_faults(live, error_rate=0.0)
+        set_faults(live, rate_limit_rate=0.0)
     (captured,) = events_for(events, payment)
     assert captured["type"] == "payment.captured"
     charges = [c for c in sandbox_charges(live) if c.get("payment_id") == payment]
     assert len(charges) == 1 and charges[0]["amount"] == 3_300
 
 
+async def test_5xx_after_every_inline_retry_is_verified_never_failed(
+    live: Settings, client: PaymentsClient, events: TopicReader
+) -> None:
+    """Finding 5 of issue 11: a 5xx may have been processed, so it is an unknown outcome.
+
+    The payment waits in pending_verification while the PSP keeps answering 5xx (the
+    resolver re-sends the same attempt, never taking a failed lookup for an answer), and
+    is captured, once, when the PSP recovers.
+    """
+    set_faults(live, error_rate=1.0)
+    try:
+        payment, merchant = unique("pay"), unique("m")
+        client.authorize(merchant_id=merchant, payment_id=payment, idempotency_key="a",
+                         amount=3_350, currency="USD", payment_method="tok_visa")
+        client.flush()
+        events.until(lambda _r: any(v["payment_id"] == payment for v in events.values()),
+                     timeout=30)
+        (pending,) = [v for v in events.values() if v["payment_id"] == payment]
+        assert pending["type"] == "payment.pending_verification", pending
+    finally:
+        set_faults(live, error_rate=0.0)
+
+    def settled(_records: object) -> bool:
+        return any(v["payment_id"] == payment and v["type"] != "payment.pending_verification"
+                   for v in events.values())
+
+    events.until(settled, timeout=60)
+    types = [v["type"] for v in events.values() if v["payment_id"] == payment]
+    assert types == ["payment.pending_verification", "payment.captured"], types
+    charges = [c for c in sandbox_charges(live) if c.get("payment_id") == payment]
+    assert len(charges) == 1 and charges[0]["amount"] == 3_350
+
+
 def test_retries_exhausted_fail_the_payment_and_park_the_command(
     live: Settings, client: PaymentsClient, events: TopicReader
 ) -> None:
-    set_faults(live, error_rate=1.0)
+    set_faults(live, rate_limit_rate=1.0)
     dlq = TopicReader(live.kafka_bootstrap_servers, COMMANDS_DLQ)
     try:
         payment, merchant = unique("pay"), unique("m")
@@ -217,7 +251,7 @@ def test_retries_exhausted_fail_the_payment_and_park_the_command(
         assert envelope.original_topic == "payments.commands"
         assert not [c for c in sandbox_charges(live) if c.get("payment_id") == payment]
     finally:
-        set_faults(live, error_rate=0.0)
+        set_faults(live, rate_limit_rate=0.0)
         dlq.close()
     # Leave the stack healthy for the next test: a fresh payment goes through again.
     probe = unique("pay")

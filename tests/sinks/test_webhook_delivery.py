@@ -60,7 +60,7 @@ def make_event(
     }[event_type]
     return PaymentEvent(
         type=event_type,  # type: ignore[arg-type]
-        event_id=derive_event_id(merchant_id, key, event_type),
+        event_id=derive_event_id(merchant_id, payment, key, event_type),
         payment_id=payment,
         merchant_id=merchant_id,
         command_id=unique("cmd"),
