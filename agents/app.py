@@ -30,7 +30,6 @@ import faust
 import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from agents import metrics
 from agents.events import build_event, rejection
 from agents.executor import Executor, RetryLater
 from agents.idempotency import MerchantIdempotencyKeys
@@ -41,6 +40,7 @@ from agents.processor import CommandProcessor
 from agents.psp_ingress import PspWebhookIngress
 from agents.state import IdempotencyRecord, PaymentState
 from config.settings import Settings
+from observability import metrics
 from psp.protocol import STATUS_NOT_FOUND, PspNotification
 from psp.registry import GuardSettings, build_router
 from psp.routing import Router, default_routing_table

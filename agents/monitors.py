@@ -32,8 +32,8 @@ from typing import Final
 import asyncpg
 import redis.asyncio as aioredis
 
-from agents import metrics
 from config.settings import Settings
+from observability import metrics
 from ops import offsets
 from psp.breaker import BreakerState, RedisCircuitBreaker
 

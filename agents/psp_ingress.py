@@ -48,9 +48,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from agents import metrics
 from agents.output import EventPublisher
 from config.settings import Settings
+from observability import metrics
 from psp.protocol import PspAdapter, PspNotification
 from psp.webhooks import SignatureError, verify_signature
 from topics.catalog import PSP_NOTIFICATIONS

@@ -43,8 +43,8 @@ import aiohttp
 import asyncpg
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
-from agents import metrics
 from config.settings import Settings
+from observability import metrics
 from paystream.webhooks import ATTEMPT_HEADER, EVENT_ID_HEADER, SIGNATURE_HEADER
 from psp.webhooks import compute_signature
 from schemas.dlq import DlqEnvelope, scrub_payload

@@ -30,9 +30,9 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents import metrics
 from agents.monitors import LagMonitor
 from config.settings import Settings
+from observability import metrics
 from ops import offsets
 from ops.stack import EmbeddedStack, free_port
 from paystream.client import PaymentsClient
