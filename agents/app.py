@@ -35,7 +35,6 @@ from agents.executor import Executor, RetryLater
 from agents.idempotency import MerchantIdempotencyKeys
 from agents.intake import Accepted, DeadLetter, Rejected, parse_command
 from agents.monitors import BreakerStateMonitor, LagMonitor, LedgerImbalanceMonitor
-from agents.output import EventPublisher, RecordsLost
 from agents.processor import CommandProcessor
 from agents.psp_ingress import PspWebhookIngress
 from agents.state import IdempotencyRecord, PaymentState
@@ -63,6 +62,7 @@ from sinks.migrations import migrate
 from sinks.webhook_dispatcher import WebhookDispatcher, kafka_dead_letter
 from sinks.webhook_outbox import enqueue_deliveries
 from topics import catalog as cat
+from topics.publisher import EventPublisher, RecordsLost
 
 log = logging.getLogger("paystream.agents")
 

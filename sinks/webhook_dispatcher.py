@@ -52,7 +52,7 @@ from sinks.webhook_endpoints import redact_url
 from topics.catalog import EVENTS, WEBHOOKS_DLQ
 
 if TYPE_CHECKING:
-    from agents.output import EventPublisher
+    from topics.publisher import EventPublisher
 
 __all__ = [
     "ATTEMPT_HEADER",
