@@ -44,7 +44,6 @@ from psp.protocol import STATUS_NOT_FOUND, PspNotification
 from psp.registry import GuardSettings, build_router
 from psp.routing import Router, default_routing_table
 from psp.sandbox_adapter import SandboxAdapter
-from psp.webhooks import SIGNATURE_HEADER
 from schemas.dlq import DlqEnvelope, scrub_payload
 from schemas.events import PaymentEvent
 from schemas.internal import (
@@ -56,6 +55,7 @@ from schemas.internal import (
     RetryNotification,
     VerifyRequest,
 )
+from schemas.signatures import PSP_SIGNATURE_HEADER as SIGNATURE_HEADER
 from sinks import ledger, status
 from sinks.ledger_events import check_postable, post_payment_events
 from sinks.migrations import migrate

@@ -51,7 +51,7 @@ from redis.exceptions import RedisError
 from config.settings import Settings
 from observability import metrics
 from psp.protocol import PspAdapter, PspNotification
-from psp.webhooks import SignatureError, verify_signature
+from schemas.signatures import SignatureError, verify_signature
 from topics.catalog import PSP_NOTIFICATIONS
 from topics.publisher import EventPublisher
 

@@ -46,7 +46,7 @@ from psp.protocol import (
     VoidRequest,
 )
 from psp.settlement import SettlementError, SettlementRow, parse_settlement_csv
-from psp.webhooks import SignatureError, verify_signature
+from schemas.signatures import SignatureError, verify_signature
 
 JsonDict = dict[str, Any]
 _P = ParamSpec("_P")

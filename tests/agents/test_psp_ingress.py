@@ -22,7 +22,7 @@ from agents.psp_ingress import PspWebhookIngress
 from config.settings import Settings
 from psp.protocol import PspAdapter, PspNotification
 from psp.sandbox_adapter import SandboxAdapter
-from psp.webhooks import sign_payload
+from schemas.signatures import sign_payload
 from tests.agents.kafka_reader import TopicReader
 from topics.catalog import PSP_NOTIFICATIONS
 from topics.publisher import EventPublisher
