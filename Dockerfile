@@ -14,6 +14,7 @@ COPY psp psp
 COPY ops ops
 COPY paystream paystream
 COPY benchmarks benchmarks
+COPY observability observability
 # Not root; /app writable for Faust's data directory (<app id>-data, in the working dir).
 RUN pip install --no-cache-dir . \
     && useradd --create-home --uid 10001 paystream \

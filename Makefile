@@ -26,6 +26,7 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 ## Keep the embedded stack up until Ctrl-C.
 dev: $(STAMP)

@@ -31,24 +31,22 @@ import faust
 import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from agents import metrics
 from agents.events import build_event, rejection
 from agents.executor import Executor, RetryLater, is_positive_answer
 from agents.fees import FeeSchedule
 from agents.idempotency import MerchantIdempotencyKeys
 from agents.intake import Accepted, DeadLetter, Rejected, parse_command
 from agents.monitors import BreakerStateMonitor, LagMonitor, LedgerImbalanceMonitor
-from agents.output import EventPublisher, RecordsLost
 from agents.processor import CommandProcessor
 from agents.psp_ingress import PspWebhookIngress
 from agents.resolver import ask_psp
 from agents.state import IdempotencyRecord, PaymentState
 from config.settings import Settings
+from observability import metrics
 from psp.protocol import PspNotification
 from psp.registry import GuardSettings, build_router
 from psp.routing import Router, default_routing_table
 from psp.sandbox_adapter import SandboxAdapter
-from psp.webhooks import SIGNATURE_HEADER
 from schemas.dlq import DlqEnvelope, scrub_payload
 from schemas.events import PaymentEvent
 from schemas.internal import (
@@ -60,12 +58,14 @@ from schemas.internal import (
     RetryNotification,
     VerifyRequest,
 )
+from schemas.signatures import PSP_SIGNATURE_HEADER as SIGNATURE_HEADER
 from sinks import ledger, status
 from sinks.ledger_events import check_postable, post_payment_events
 from sinks.migrations import migrate
 from sinks.webhook_dispatcher import WebhookDispatcher, kafka_dead_letter
 from sinks.webhook_outbox import enqueue_deliveries
 from topics import catalog as cat
+from topics.publisher import EventPublisher, RecordsLost
 
 log = logging.getLogger("paystream.agents")
 

@@ -32,10 +32,10 @@ from typing import Final
 import asyncpg
 import redis.asyncio as aioredis
 
-from agents import metrics
 from config.settings import Settings
-from ops import offsets
+from observability import metrics
 from psp.breaker import BreakerState, RedisCircuitBreaker
+from topics import offsets
 
 log = logging.getLogger("paystream.monitors")
 
@@ -72,7 +72,7 @@ class LagMonitor(Monitor):
     """``paystream_consumer_lag{group, topic, partition}`` = end offset - committed offset.
 
     Covers the worker's consumer group (``settings.app_id``) and any ``groups`` given. Each
-    group's offsets are read with :func:`ops.offsets.show` (the same numbers as
+    group's offsets are read with :func:`topics.offsets.show` (the same numbers as
     ``paystream offsets show``), in a thread because the confluent-kafka admin client
     blocks. Partitions without a committed offset (or whose end offset the broker cannot
     give) have no sample; samples of partitions that disappear are removed.

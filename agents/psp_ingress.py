@@ -33,7 +33,7 @@ regress, and a state already reached is not reached again).
 
 Publishing uses group commit: concurrent requests' records are produced together and
 covered by one ``flush``; every request of the group is answered by that flush's outcome
-(all ``200`` or all ``503``). The :class:`~agents.output.EventPublisher` must therefore be
+(all ``200`` or all ``503``). The :class:`~topics.publisher.EventPublisher` must therefore be
 dedicated to this ingress: its ``flush`` reports every queued record's failures, so a
 publisher shared with an agent could hand the agent's failure to a webhook or the reverse.
 """
@@ -48,12 +48,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from agents import metrics
-from agents.output import EventPublisher
 from config.settings import Settings
+from observability import metrics
 from psp.protocol import PspAdapter, PspNotification
-from psp.webhooks import SignatureError, verify_signature
+from schemas.signatures import SignatureError, verify_signature
 from topics.catalog import PSP_NOTIFICATIONS
+from topics.publisher import EventPublisher
 
 __all__ = ["DEFAULT_FLUSH_TIMEOUT_SECONDS", "UNKNOWN_PSP_LABEL", "PspWebhookIngress"]
 

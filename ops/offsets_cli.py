@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from config.settings import get_settings
-from ops import offsets
-from ops.offsets import GroupActiveError, OffsetsError, ResetSpec
+from topics import offsets
+from topics.offsets import GroupActiveError, OffsetsError, ResetSpec
 
 offsets_app = typer.Typer(
     help="Consumer group offsets: lag per partition, and resets (dry-run first).",

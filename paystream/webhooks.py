@@ -27,8 +27,15 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from psp.webhooks import DEFAULT_TOLERANCE_S, SignatureError, compute_signature
-from psp.webhooks import verify_signature as _verify
+from schemas.signatures import (
+    DEFAULT_TOLERANCE_S,
+    MERCHANT_ATTEMPT_HEADER,
+    MERCHANT_EVENT_ID_HEADER,
+    MERCHANT_SIGNATURE_HEADER,
+    SignatureError,
+    compute_signature,
+)
+from schemas.signatures import verify_signature as _verify
 
 __all__ = [
     "ATTEMPT_HEADER",
@@ -40,9 +47,9 @@ __all__ = [
     "verify_signature",
 ]
 
-SIGNATURE_HEADER = "Paystream-Signature"
-EVENT_ID_HEADER = "Paystream-Event-Id"
-ATTEMPT_HEADER = "Paystream-Delivery-Attempt"
+SIGNATURE_HEADER = MERCHANT_SIGNATURE_HEADER
+EVENT_ID_HEADER = MERCHANT_EVENT_ID_HEADER
+ATTEMPT_HEADER = MERCHANT_ATTEMPT_HEADER
 
 
 def verify_signature(

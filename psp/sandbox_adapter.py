@@ -19,7 +19,7 @@ Transport failures map to outcomes (see :mod:`psp.protocol`):
   ``requires_action``.
 
 Every authorize, capture, void, refund, payout and retrieve call is timed into
-``paystream_psp_request_duration_seconds{psp, operation, outcome}`` (``agents.metrics``).
+``paystream_psp_request_duration_seconds{psp, operation, outcome}`` (``observability.metrics``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any, Concatenate, ParamSpec
 
 import aiohttp
 
-from agents.metrics import PSP_LATENCY
+from observability.metrics import PSP_LATENCY
 from psp.declines import is_retryable
 from psp.protocol import (
     STATUS_NOT_FOUND,
@@ -46,7 +46,7 @@ from psp.protocol import (
     VoidRequest,
 )
 from psp.settlement import SettlementError, SettlementRow, parse_settlement_csv
-from psp.webhooks import SignatureError, verify_signature
+from schemas.signatures import SignatureError, verify_signature
 
 JsonDict = dict[str, Any]
 _P = ParamSpec("_P")

@@ -11,7 +11,7 @@ delivery carries the same ``Paystream-Event-Id``).
 Each attempt POSTs the stored payload bytes with
 
 - ``Content-Type: application/json``
-- ``Paystream-Signature: t=<unix seconds>,v1=<hex>`` (Stripe's scheme, :mod:`psp.webhooks`;
+- ``Paystream-Signature: t=<unix seconds>,v1=<hex>`` (Stripe's scheme, :mod:`schemas.signatures`;
   signed afresh per attempt; during a secret rotation one ``v1=`` per secret)
 - ``Paystream-Event-Id: <event id>`` and ``Paystream-Delivery-Attempt: <n>``
 
@@ -43,16 +43,18 @@ import aiohttp
 import asyncpg
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
-from agents import metrics
 from config.settings import Settings
-from paystream.webhooks import ATTEMPT_HEADER, EVENT_ID_HEADER, SIGNATURE_HEADER
-from psp.webhooks import compute_signature
+from observability import metrics
 from schemas.dlq import DlqEnvelope, scrub_payload
+from schemas.signatures import MERCHANT_ATTEMPT_HEADER as ATTEMPT_HEADER
+from schemas.signatures import MERCHANT_EVENT_ID_HEADER as EVENT_ID_HEADER
+from schemas.signatures import MERCHANT_SIGNATURE_HEADER as SIGNATURE_HEADER
+from schemas.signatures import compute_signature
 from sinks.webhook_endpoints import redact_url
 from topics.catalog import EVENTS, WEBHOOKS_DLQ
 
 if TYPE_CHECKING:
-    from agents.output import EventPublisher
+    from topics.publisher import EventPublisher
 
 __all__ = [
     "ATTEMPT_HEADER",

@@ -30,7 +30,8 @@ from functools import partial
 import aiohttp
 
 from psp.sandbox.state import SandboxState, WebhookEvent
-from psp.webhooks import SIGNATURE_HEADER, sign_payload
+from schemas.signatures import PSP_SIGNATURE_HEADER as SIGNATURE_HEADER
+from schemas.signatures import sign_payload
 
 log = logging.getLogger(__name__)
 

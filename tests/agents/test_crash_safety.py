@@ -41,7 +41,7 @@ pytestmark = [
     # five: Faust's table recovery stops at the high watermark, which Tansu reports as the
     # last record batch's BASE offset + 1, so the tail of a multi-record last changelog
     # batch was never restored. The changelog is now written one record per batch
-    # (agents/output.py); keep running it before enabling it in CI.
+    # (topics/publisher.py); keep running it before enabling it in CI.
     pytest.mark.skipif(
         os.environ.get("PAYSTREAM_CRASH_TEST") != "1",
         reason="opt-in: set PAYSTREAM_CRASH_TEST=1 (takes 1-2 minutes)",

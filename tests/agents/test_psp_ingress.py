@@ -18,14 +18,14 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from agents.output import EventPublisher
 from agents.psp_ingress import PspWebhookIngress
 from config.settings import Settings
 from psp.protocol import PspAdapter, PspNotification
 from psp.sandbox_adapter import SandboxAdapter
-from psp.webhooks import sign_payload
+from schemas.signatures import sign_payload
 from tests.agents.kafka_reader import TopicReader
 from topics.catalog import PSP_NOTIFICATIONS
+from topics.publisher import EventPublisher
 
 pytestmark = pytest.mark.stack
 

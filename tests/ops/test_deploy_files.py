@@ -1,6 +1,6 @@
 """docker-compose.yml, the Prometheus config and the Grafana provisioning agree with the code.
 
-* every metric a dashboard query names is one the workers export (``agents.metrics`` in
+* every metric a dashboard query names is one the workers export (``observability.metrics`` in
   prometheus-client's default registry, which ``/metrics`` serves);
 * the dashboard shows what the issue asks for, through the provisioned datasource;
 * every file compose mounts exists, Grafana's provisioning points where compose mounts the
@@ -30,8 +30,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 from typer.testing import CliRunner
 
-from agents import metrics
 from config.settings import Settings
+from observability import metrics
 from ops.cli import app as cli_app
 from psp.sandbox.server import _parser as sandbox_parser
 
@@ -111,7 +111,7 @@ _SUFFIXES = {
 
 
 def exported_samples() -> set[str]:
-    """Sample names ``/metrics`` can contain: the default registry (with ``agents.metrics``
+    """Sample names ``/metrics`` can contain: the default registry (with ``observability.metrics``
     imported), expanded by metric type, since a labelled metric has no samples until its
     first label set is used."""
     names: set[str] = set()

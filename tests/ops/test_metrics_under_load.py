@@ -30,16 +30,16 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents import metrics
 from agents.monitors import LagMonitor
 from config.settings import Settings
-from ops import offsets
+from observability import metrics
 from ops.stack import EmbeddedStack, free_port
 from paystream.client import PaymentsClient
 from sinks.webhook_endpoints import add_endpoint
 from tests.agents.test_lifecycle import set_faults
 from tests.agents.test_pipeline import unique
 from tests.conftest import async_wait_for, wait_for
+from topics import offsets
 from topics.catalog import COMMANDS
 
 pytestmark = pytest.mark.stack

@@ -27,8 +27,10 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from typer.testing import CliRunner
 
 from config.settings import Settings, get_settings
-from ops import offsets
-from ops.offsets import (
+from ops.offsets_cli import offsets_app
+from tests.conftest import wait_for
+from topics import offsets
+from topics.offsets import (
     ByDuration,
     GroupActiveError,
     OffsetsError,
@@ -38,8 +40,6 @@ from ops.offsets import (
     ToLatest,
     ToOffset,
 )
-from ops.offsets_cli import offsets_app
-from tests.conftest import wait_for
 
 
 # ------------------------------------------------------------------- pure functions

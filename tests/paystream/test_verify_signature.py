@@ -9,7 +9,7 @@ import pytest
 
 from paystream import webhooks
 from paystream.webhooks import SIGNATURE_HEADER, SignatureError, verify_signature
-from psp import webhooks as psp_webhooks
+from schemas import signatures
 from sinks.webhook_dispatcher import signature_header
 
 SECRET = "whsec_test_current"
@@ -31,8 +31,8 @@ def test_header_format_is_stripes() -> None:
     value = header(at=1_700_000_000)
     t, v1 = value.split(",")
     assert t == "t=1700000000"
-    assert v1 == "v1=" + psp_webhooks.compute_signature(BODY, SECRET, 1_700_000_000)
-    assert value == psp_webhooks.sign_payload(BODY, SECRET, 1_700_000_000)
+    assert v1 == "v1=" + signatures.compute_signature(BODY, SECRET, 1_700_000_000)
+    assert value == signatures.sign_payload(BODY, SECRET, 1_700_000_000)
 
 
 def test_tampered_body_fails() -> None:
@@ -113,5 +113,5 @@ def test_payload_must_be_raw_bytes_and_a_json_object() -> None:
 
 
 def test_signature_error_is_a_value_error_and_reexported() -> None:
-    assert webhooks.SignatureError is psp_webhooks.SignatureError
+    assert webhooks.SignatureError is signatures.SignatureError
     assert issubclass(SignatureError, ValueError)

@@ -9,7 +9,7 @@ import pytest
 
 from psp.protocol import AuthorizeRequest, PayoutRequest
 from psp.sandbox_adapter import SandboxAdapter
-from psp.webhooks import SignatureError, sign_payload
+from schemas.signatures import SignatureError, sign_payload
 from tests.psp.psp_harness import API_KEY, PSP_NAME, WEBHOOK_SECRET
 from tests.psp.webhook_harness import running_receiver, running_sandbox
 

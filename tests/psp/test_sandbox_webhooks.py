@@ -1,4 +1,4 @@
-"""Webhook signatures (psp.webhooks) and the sandbox's signed webhook deliveries, over real
+"""Webhook signatures (schemas.signatures) and the sandbox's signed webhook deliveries, over real
 HTTP: a sandbox and a local aiohttp receiver, both on ephemeral ports.
 """
 
@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from psp.sandbox.server import _parser
-from psp.webhooks import SIGNATURE_HEADER, SignatureError, sign_payload, verify_signature
+from schemas.signatures import PSP_SIGNATURE_HEADER as SIGNATURE_HEADER
+from schemas.signatures import SignatureError, sign_payload, verify_signature
 from tests.psp.psp_harness import WEBHOOK_SECRET, Sandbox
 from tests.psp.webhook_harness import (
     Receiver,

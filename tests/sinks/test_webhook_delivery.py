@@ -596,7 +596,7 @@ async def test_backlog_gauge_counts_pending_deliveries(
 
 
 class RecordingPublisher:
-    """Stands in for agents.output.EventPublisher (records; no broker here)."""
+    """Stands in for topics.publisher.EventPublisher (records; no broker here)."""
 
     def __init__(self) -> None:
         self.records: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]] = []

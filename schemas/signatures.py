@@ -1,5 +1,11 @@
 """Stripe's webhook signature scheme, pure functions (no I/O), for senders and receivers.
 
+Both directions use it: PSP webhooks coming in (header :data:`PSP_SIGNATURE_HEADER`,
+verified by the PSP adapters and the ingress) and merchant webhooks going out (header
+:data:`MERCHANT_SIGNATURE_HEADER`, signed by the webhook sink, verified by merchants with
+:mod:`paystream.webhooks`). It lives in ``schemas`` because it is wire contract that
+``psp``, ``sinks``, ``agents`` and the ``paystream`` client all need.
+
 The ``Stripe-Signature`` header is ``t=<unix seconds>,v1=<hex>[,v1=<hex>...]`` where each
 ``v1`` is ``HMAC-SHA256(secret, f"{t}.{payload}")`` over the raw request body. Several
 ``v1`` entries may be present (the sender signs with several secrets while one is being
@@ -18,14 +24,24 @@ from collections.abc import Sequence
 
 __all__ = [
     "DEFAULT_TOLERANCE_S",
-    "SIGNATURE_HEADER",
+    "MERCHANT_ATTEMPT_HEADER",
+    "MERCHANT_EVENT_ID_HEADER",
+    "MERCHANT_SIGNATURE_HEADER",
+    "PSP_SIGNATURE_HEADER",
     "SignatureError",
     "compute_signature",
     "sign_payload",
     "verify_signature",
 ]
 
-SIGNATURE_HEADER = "Stripe-Signature"
+PSP_SIGNATURE_HEADER = "Stripe-Signature"
+"""The header a PSP signs its webhooks to our ingress with."""
+MERCHANT_SIGNATURE_HEADER = "Paystream-Signature"
+"""The header we sign merchant webhooks with (same scheme)."""
+MERCHANT_EVENT_ID_HEADER = "Paystream-Event-Id"
+"""The event id of a merchant webhook, the same on every attempt."""
+MERCHANT_ATTEMPT_HEADER = "Paystream-Delivery-Attempt"
+"""1 on a merchant webhook's first attempt, then 2, 3, ..."""
 DEFAULT_TOLERANCE_S = 300
 _SCHEME = "v1"
 

@@ -1,4 +1,4 @@
-"""A confluent-kafka producer for agent output, flushed before a batch is acknowledged.
+"""A confluent-kafka producer for agent and sink output, flushed before a batch is acknowledged.
 
 Agents produce events and DLQ records here (idempotent producer, acks=all) and call
 :meth:`EventPublisher.flush` at the end of each batch, before Faust acks the batch's input

@@ -7,8 +7,8 @@ import uuid
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from agents.output import EventPublisher, RecordsLost
 from config.settings import Settings
+from topics.publisher import EventPublisher, RecordsLost
 
 pytestmark = pytest.mark.stack
 

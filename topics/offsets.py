@@ -1,4 +1,5 @@
-"""Consumer group offsets: lag per partition, and resets like ``kafka-consumer-groups.sh``.
+"""Consumer group offsets: lag per partition (the lag monitor, ``paystream offsets show``), and
+resets like ``kafka-consumer-groups.sh`` (``paystream offsets reset``).
 
 Only standard Kafka admin APIs are used (ListOffsets, OffsetFetch, OffsetCommit through
 ``alter_consumer_group_offsets``, DescribeGroups), so this works on Apache Kafka and on the
