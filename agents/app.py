@@ -604,12 +604,16 @@ def create_app(settings: Settings) -> faust.App:
         publisher.publish(cat.PSP_NOTIFICATIONS_DLQ, key.encode(),
                           note.model_dump_json().encode(), envelope.to_headers())
 
-    def request_verification(publisher: EventPublisher, state: PaymentState) -> None:
+    def request_verification(
+        publisher: EventPublisher, state: PaymentState, *, sweep: bool = False
+    ) -> None:
         """Queue a lookup of the state's pending attempt in the first delay tier."""
         pending = state.pending
         if pending is None or state.psp is None:
             return
         first_tier, delay = tiers[0]
+        if sweep:
+            delay = 0.0
         request = VerifyRequest(
             payment_id=state.payment_id,
             merchant_id=state.merchant_id,
@@ -619,6 +623,7 @@ def create_app(settings: Settings) -> faust.App:
             psp_reference=state.psp_reference,
             expected_captured=state.amount_captured + pending.amount,
             request=pending.request,
+            sweep=sweep,
             due_at=datetime.now(UTC) + timedelta(seconds=delay),
         )
         publisher.publish(first_tier, state.payment_id.encode(),
@@ -692,6 +697,8 @@ def create_app(settings: Settings) -> faust.App:
                     publisher.publish(cat.INTERNAL, request.payment_id.encode(),
                                       answer.model_dump_json().encode())
                     return
+                if request.sweep:
+                    return  # the next stuck-payment sweep asks again
                 if lookups >= settings.verify_max_lookups:
                     # No answer from the PSP after every tier: the payment stays pending
                     # (never declined or failed by us); the stuck-payment sweep asks again
@@ -777,6 +784,39 @@ def create_app(settings: Settings) -> faust.App:
             await with_infra_retries("requesting expiries", publisher.flush)
 
     sweep_publishers: list[EventPublisher] = []
+
+    @app.timer(settings.stuck_sweep_interval_seconds)  # type: ignore[untyped-decorator]
+    async def sweep_stuck_payments() -> None:
+        """Re-verify payments pending verification for longer than ``stuck_after_seconds``.
+
+        Whatever lost a payment's verification (a resolver that gave up while the PSP was
+        down, a resolution dead-lettered across a rebalance, a crash between steps), the
+        payment's state still says it is pending: one lookup per sweep asks the PSP again
+        until it answers. Every worker sweeps the states it holds; duplicates are harmless
+        (a resolution applies once, to the attempt it names).
+        """
+        cutoff = datetime.now(UTC) - timedelta(seconds=settings.stuck_after_seconds)
+        stuck: list[PaymentState] = []
+        for raw in list(state_table.data.values()):
+            if b'"status":"pending_verification"' not in raw:
+                continue
+            try:
+                state = PaymentState.model_validate_json(raw)
+            except Exception:  # noqa: BLE001, S112 - unreadable states are parked elsewhere
+                continue
+            if state.pending is not None and (
+                state.pending.since is None or state.pending.since < cutoff
+            ):
+                stuck.append(state)
+        metrics.STUCK_PAYMENTS.set(len(stuck))
+        if not stuck:
+            return
+        log.warning("stuck-payment sweep: %d payments pending verification for over %.0fs; "
+                    "asking the PSPs again", len(stuck), settings.stuck_after_seconds)
+        publisher = sweep_publisher()
+        for state in stuck:
+            request_verification(publisher, state, sweep=True)
+        await with_infra_retries("requesting verification of stuck payments", publisher.flush)
 
     def sweep_publisher() -> EventPublisher:
         if not sweep_publishers:

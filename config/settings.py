@@ -85,7 +85,18 @@ class Settings(BaseSettings):
         min_length=1,
     )
     verify_max_lookups: int = Field(
-        5, description="PSP lookups of an unknown outcome before giving up (then DLQ)."
+        5,
+        description="PSP lookups of an unknown outcome before the resolver stops asking "
+        "(a DLQ record for an operator; the payment stays pending_verification).",
+    )
+    stuck_after_seconds: float = Field(
+        300.0,
+        description="A payment pending verification longer than this is stuck: counted in "
+        "paystream_payments_stuck, listed by 'paystream status --stuck', re-verified.",
+        gt=0,
+    )
+    stuck_sweep_interval_seconds: float = Field(
+        60.0, description="How often each worker re-verifies its stuck payments.", gt=0
     )
     psp_breaker_failures: int = Field(
         5, description="Consecutive failures that open a PSP's circuit breaker."

@@ -49,6 +49,11 @@ PENDING_VERIFICATION = Gauge(
     "paystream_payments_pending_verification",
     "Payments of this worker's partitions whose PSP outcome is unknown (being verified).",
 )
+STUCK_PAYMENTS = Gauge(
+    "paystream_payments_stuck",
+    "Payments of this worker's partitions still pending verification after "
+    "PAYSTREAM_STUCK_AFTER_SECONDS (re-verified by the stuck-payment sweep; alert on > 0).",
+)
 RETRIES = Counter(
     "paystream_retries_total",
     "Commands (or notifications) sent to a retry tier, by tier and kind.",

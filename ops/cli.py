@@ -13,8 +13,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
-from config.settings import EMBEDDED, get_settings
+from config.settings import EMBEDDED, Settings, get_settings
 from ops.dlq_cli import dlq_app
 from ops.offsets_cli import offsets_app
 from ops.webhooks_cli import webhooks_app
@@ -236,14 +237,31 @@ def send_capture(
 # ------------------------------------------------------------------------- status
 @app.command()
 def status(
-    payment_id: str,
+    payment_id: Annotated[str | None, typer.Argument(help="The payment to show.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the view as JSON.")] = False,
     live: Annotated[
         bool, typer.Option("--live", help="Only ask the worker's status view (HTTP).")
     ] = False,
+    stuck: Annotated[
+        bool,
+        typer.Option("--stuck", help="List payments pending verification for too long "
+                     "(exit 1 if there are any)."),
+    ] = False,
+    older_than: Annotated[
+        float | None,
+        typer.Option("--older-than", help="With --stuck: age in seconds "
+                     "(default PAYSTREAM_STUCK_AFTER_SECONDS)."),
+    ] = None,
 ) -> None:
-    """A payment's events, PSP attempts, ledger entries and webhook deliveries."""
+    """A payment's events, PSP attempts, ledger entries and webhook deliveries; or, with
+    --stuck, every payment whose PSP outcome is still unknown after the stuck age."""
     settings = get_settings()
+    if stuck:
+        _print_stuck(settings, older_than, as_json)
+        return
+    if payment_id is None:
+        console.print("[red]give a PAYMENT_ID, or --stuck[/]")
+        raise typer.Exit(2)
     if live:
         url = f"http://{settings.web_host}:{settings.web_port}/v1/payments/{payment_id}"
         try:
@@ -265,6 +283,37 @@ def status(
     else:
         render_payment_view(view, console)
     if not view.found:
+        raise typer.Exit(1)
+
+
+def _print_stuck(settings: Settings, older_than: float | None, as_json: bool) -> None:
+    import asyncpg
+
+    from sinks import status as read_model
+
+    age = settings.stuck_after_seconds if older_than is None else older_than
+
+    async def fetch() -> list[dict[str, object]]:
+        conn = await asyncpg.connect(settings.pg_dsn)
+        try:
+            return await read_model.stuck_payments(conn, age)
+        finally:
+            await conn.close()
+
+    rows = asyncio.run(fetch())
+    if as_json:
+        console.print_json(json.dumps({"older_than_seconds": age, "payments": rows}))
+    elif not rows:
+        console.print(f"no payment pending verification for over {age:.0f}s")
+    else:
+        table = Table("payment", "merchant", "amount", "psp", "since", "reason",
+                      title=f"{len(rows)} payments pending verification for over {age:.0f}s")
+        for row in rows:
+            table.add_row(str(row["payment_id"]), str(row["merchant_id"]),
+                          f"{row['amount']} {row['currency']}", str(row["psp"]),
+                          str(row["updated_at"]), str(row["reason"] or ""))
+        console.print(table)
+    if rows:
         raise typer.Exit(1)
 
 

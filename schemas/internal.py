@@ -35,6 +35,9 @@ class VerifyRequest(BaseModel):
     the PSP's idempotency returns the real outcome even while the first call is in flight)."""
     lookups: int = 0
     """Lookups already made."""
+    sweep: bool = False
+    """Sent by the stuck-payment sweep: one lookup; if it fails, the next sweep asks again
+    (no further tiers, no dead letter)."""
     due_at: AwareDatetime
 
 

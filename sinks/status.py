@@ -103,3 +103,32 @@ async def status_counts(conn: Any) -> dict[str, int]:
     """How many payments are in each status."""
     rows = await conn.fetch("SELECT status, count(*) AS n FROM payment_status GROUP BY status")
     return {row["status"]: int(row["n"]) for row in rows}
+
+
+async def stuck_payments(
+    conn: Any, older_than_seconds: float, limit: int = 1_000
+) -> list[dict[str, Any]]:
+    """Payments still pending verification (PSP outcome unknown) for longer than the age,
+    oldest first, as ``payment_id, merchant_id, status, updated_at, event``."""
+    rows = await conn.fetch(
+        """
+        SELECT payment_id, merchant_id, status, updated_at, event FROM payment_status
+         WHERE status = 'pending_verification'
+           AND updated_at < now() - make_interval(secs => $1::double precision)
+         ORDER BY updated_at
+         LIMIT $2
+        """,
+        float(older_than_seconds),
+        limit,
+    )
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        value = row["event"]
+        event = json.loads(value) if isinstance(value, str) else dict(value)
+        out.append({
+            "payment_id": row["payment_id"], "merchant_id": row["merchant_id"],
+            "status": row["status"], "updated_at": row["updated_at"].isoformat(),
+            "amount": event.get("amount"), "currency": event.get("currency"),
+            "psp": event.get("psp"), "reason": event.get("reason"),
+        })
+    return out

@@ -89,6 +89,9 @@ def stack_settings(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Set
         webhook_retry_schedule_seconds=[0.2, 0.5, 1.0, 2.0],
         webhook_dispatch_interval_seconds=0.1,
         fee_refresh_seconds=1.0,
+        # A payment pending verification for 5 s is stuck: the sweep re-verifies it.
+        stuck_after_seconds=5.0,
+        stuck_sweep_interval_seconds=1.0,
         app_id=f"paystream-test-{uuid.uuid4().hex[:6]}",
     )
 

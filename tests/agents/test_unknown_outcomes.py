@@ -4,6 +4,7 @@
 * Finding 2: a capture whose request is still in flight at the PSP is not "failed" because
   a read does not show it yet: the resolver re-sends the same request (same attempt id).
 * Finding 6: a late webhook of an earlier attempt does not settle the pending one.
+* Finding 7: a payment whose verification was given up is re-verified by the stuck sweep.
 * Finding 8 (a retry after a recorded retryable decline is a fresh attempt) is pinned by
   ``tests/agents/test_pipeline.py::test_retryable_decline_retries_with_new_attempts...``.
 """
@@ -11,6 +12,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -24,9 +28,11 @@ from config.settings import Settings
 from paystream.client import PaymentsClient
 from psp.protocol import PspNotification
 from psp.routing import Router, default_routing_table
+from schemas.dlq import DlqEnvelope
 from tests.agents.kafka_reader import TopicReader
 from tests.agents.test_lifecycle import set_faults
 from tests.agents.test_pipeline import sandbox_charges, unique
+from topics.catalog import EVENTS_DLQ
 
 # -- pure logic ---------------------------------------------------------------------------
 
@@ -149,3 +155,56 @@ def test_a_capture_still_in_flight_is_not_failed_by_a_read(
                      "payment.captured"], types
     charges = [c for c in sandbox_charges(live) if c.get("payment_id") == payment]
     assert [c["amount_captured"] for c in charges] == [1_020]
+
+
+@pytest.mark.stack
+def test_a_payment_whose_verification_was_given_up_is_swept_and_settled(
+    live: Settings, client: PaymentsClient, events: TopicReader, no_webhooks: None
+) -> None:
+    """The PSP keeps failing every lookup until the resolver stops asking (a dead letter
+    for an operator). The payment stays pending, is listed as stuck, and the stuck sweep
+    settles it once the PSP answers again."""
+    payment, merchant = unique("pay"), unique("m")
+    dlq = TopicReader(live.kafka_bootstrap_servers, EVENTS_DLQ)
+    set_faults(live, timeout_rate=1.0)
+    try:
+        client.authorize(merchant_id=merchant, payment_id=payment, idempotency_key="a",
+                         amount=1_070, currency="USD", payment_method="tok_visa")
+        client.flush()
+        events.until(lambda _r: _of(events, payment), timeout=30)
+        set_faults(live, timeout_rate=0.0, error_rate=1.0)
+
+        def given_up(_records: object) -> bool:
+            return any(
+                r.key() == payment.encode()
+                and DlqEnvelope.from_headers(r.headers()).reason == "unresolved"
+                for r in dlq.records
+            )
+
+        dlq.until(given_up, timeout=90)
+        assert [e["type"] for e in _of(events, payment)] == ["payment.pending_verification"]
+        listed = subprocess.run(  # noqa: S603 - our own CLI
+            [sys.executable, "-m", "ops.cli", "status", "--stuck", "--older-than", "1",
+             "--json"],
+            env={**os.environ, **cli_env(live)}, capture_output=True, text=True, timeout=60,
+            check=False,
+        )
+        assert listed.returncode == 1, listed.stderr
+        assert payment in {p["payment_id"] for p in json.loads(listed.stdout)["payments"]}
+    finally:
+        set_faults(live, timeout_rate=0.0, error_rate=0.0)
+        dlq.close()
+    events.until(lambda _r: len(_of(events, payment)) > 1, timeout=60)
+    types = [v["type"] for v in _of(events, payment)]
+    assert types == ["payment.pending_verification", "payment.captured"], types
+    charges = [c for c in sandbox_charges(live) if c.get("payment_id") == payment]
+    assert [c["amount_captured"] for c in charges] == [1_070]
+
+
+def cli_env(live: Settings) -> dict[str, str]:
+    return {
+        "PAYSTREAM_KAFKA_BOOTSTRAP_SERVERS": live.kafka_bootstrap_servers,
+        "PAYSTREAM_PG_DSN": live.pg_dsn,
+        "PAYSTREAM_REDIS_URL": live.redis_url,
+        "PAYSTREAM_STUCK_AFTER_SECONDS": "5",
+    }
