@@ -34,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from agents.events import build_event, rejection
 from agents.executor import Executor, RetryLater, is_positive_answer
 from agents.fees import FeeSchedule
+from agents.fencing import PartitionFence
 from agents.idempotency import MerchantIdempotencyKeys
 from agents.intake import Accepted, DeadLetter, Rejected, parse_command
 from agents.monitors import BreakerStateMonitor, LagMonitor, LedgerImbalanceMonitor
@@ -299,6 +300,41 @@ def create_app(settings: Settings) -> faust.App:
         changelog_topic=raw_topic(changelog),
     )
 
+    # ---------------------------------------------------------------- fencing
+    fences: list[PartitionFence] = []
+
+    async def partition_fence() -> PartitionFence:
+        if not fences:
+            fences.append(PartitionFence(await resources.db(), settings.app_id))
+        return fences[0]
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def take_partition_epochs(sender: Any, assigned: Any, **_kwargs: Any) -> None:
+        """Take the next owner epoch of every command partition this worker now holds."""
+        partitions = {tp.partition for tp in assigned if tp.topic == cat.COMMANDS}
+
+        async def take() -> None:
+            await (await partition_fence()).take(partitions)
+
+        await with_infra_retries("taking partition epochs", take)
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def drop_partition_epochs(sender: Any, revoked: Any, **_kwargs: Any) -> None:
+        if fences:
+            fences[0].revoke(tp.partition for tp in revoked if tp.topic == cat.COMMANDS)
+
+    async def fenced_partitions(partitions: set[int]) -> set[int]:
+        """The partitions of ``partitions`` another worker has taken since we did."""
+        lost: set[int] = set()
+
+        async def check() -> None:
+            lost.update(await (await partition_fence()).lost(partitions))
+
+        await with_infra_retries("checking partition epochs", check)
+        if lost:
+            metrics.FENCED_STATE_WRITES.inc(len(lost))
+        return lost
+
     # ---------------------------------------------------------------- command processing
     @app.agent(commands_topic, name="process_commands")
     async def process_commands(stream: Any) -> AsyncIterator[None]:
@@ -330,7 +366,12 @@ def create_app(settings: Settings) -> faust.App:
                 # through our producer, flushed before the batch is acked: Faust's own
                 # producer "flush" returns after 0.1 s without progress while records are
                 # still buffered, so Faust can commit offsets past state it never wrote.
+                # And only for partitions this worker still owns (agents/fencing.py).
+                lost = await fenced_partitions({p for p, _value in changes.values()})
                 for key, (partition, value) in changes.items():
+                    if partition in lost:
+                        state_table.data.pop(key, None)  # the new owner's state wins
+                        continue
                     state_writer.publish(changelog, key, value, partition=partition)
                 await with_infra_retries("writing the state changelog", state_writer.flush)
         finally:

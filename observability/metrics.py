@@ -49,6 +49,11 @@ PENDING_VERIFICATION = Gauge(
     "paystream_payments_pending_verification",
     "Payments of this worker's partitions whose PSP outcome is unknown (being verified).",
 )
+FENCED_STATE_WRITES = Counter(
+    "paystream_fenced_state_writes_total",
+    "Batches' state writes dropped for a partition another worker had taken (a rebalance "
+    "zombie fenced).",
+)
 STUCK_PAYMENTS = Gauge(
     "paystream_payments_stuck",
     "Payments of this worker's partitions still pending verification after "

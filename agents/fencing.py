@@ -1,0 +1,95 @@
+"""Fencing the command processor's partitions against rebalance zombies.
+
+Faust runs agents with ``stream_wait_empty=False``: a worker that loses partitions in a
+rebalance keeps running its in-flight batch while the new owner re-processes the same
+records. Its outputs are idempotent (events by id, the ledger by event id, PSP calls by
+attempt id), but a late *state* write would overwrite the new owner's newer state in the
+changelog, and a restart would restore the stale one.
+
+So every write of payment state is fenced by an owner epoch in PostgreSQL:
+
+* on assignment, the worker takes the next epoch of each of its ``payments.commands``
+  partitions (``partition_owners``: one row per partition, bumped atomically);
+* right before writing a batch's state to the changelog, it checks that it still holds
+  the epochs it took for the batch's partitions (one query per batch); partitions
+  revoked locally since the batch started are fenced without asking;
+* state of a fenced partition is not written (the new owner writes its own), and the
+  worker's in-memory copy of it is dropped.
+
+What remains is the few milliseconds between the check and the changelog flush; Kafka
+transactions with a transactional id per input partition would close it too (see
+README, "Fencing"), at the cost of one producer and one transaction per partition per
+batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+
+import asyncpg
+
+log = logging.getLogger("paystream.agents.fencing")
+
+_TAKE = """
+INSERT INTO partition_owners AS o (app_id, partition, epoch, owner)
+SELECT $1, p, 1, $3 FROM unnest($2::int[]) AS p
+ON CONFLICT (app_id, partition) DO UPDATE
+   SET epoch = o.epoch + 1, owner = EXCLUDED.owner, assigned_at = now()
+RETURNING partition, epoch
+"""
+
+_HELD = """
+SELECT partition, epoch, owner FROM partition_owners
+ WHERE app_id = $1 AND partition = ANY($2::int[])
+"""
+
+
+class PartitionFence:
+    """The epochs this worker holds for its partitions."""
+
+    def __init__(self, pool: asyncpg.Pool, app_id: str, owner: str | None = None) -> None:
+        self._pool = pool
+        self._app_id = app_id
+        self.owner = owner or f"worker-{uuid.uuid4().hex[:12]}"
+        self._epochs: dict[int, int] = {}
+        self.generation = 0
+        """Bumped on every revocation: a batch that saw another generation re-checks."""
+
+    async def take(self, partitions: Iterable[int]) -> dict[int, int]:
+        """Take the next epoch of each partition (on assignment)."""
+        wanted = sorted(set(partitions))
+        if not wanted:
+            return {}
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(_TAKE, self._app_id, wanted, self.owner)
+        taken = {int(r["partition"]): int(r["epoch"]) for r in rows}
+        self._epochs.update(taken)
+        log.info("fence: took epochs %s", taken)
+        return taken
+
+    def revoke(self, partitions: Iterable[int]) -> None:
+        """Forget the epochs of revoked partitions: their state is no longer ours."""
+        for partition in partitions:
+            self._epochs.pop(partition, None)
+        self.generation += 1
+
+    async def lost(self, partitions: Iterable[int]) -> set[int]:
+        """Which of ``partitions`` this worker no longer holds (another owner took them)."""
+        wanted = sorted(set(partitions))
+        if not wanted:
+            return set()
+        lost = {p for p in wanted if p not in self._epochs}
+        asked = [p for p in wanted if p in self._epochs]
+        if asked:
+            async with self._pool.acquire() as conn:
+                rows = await conn.fetch(_HELD, self._app_id, asked)
+            held = {int(r["partition"]): (int(r["epoch"]), str(r["owner"])) for r in rows}
+            for partition in asked:
+                if held.get(partition) != (self._epochs[partition], self.owner):
+                    lost.add(partition)
+        if lost:
+            log.warning("fence: partitions %s were taken by another worker; dropping "
+                        "their late state", sorted(lost))
+        return lost
