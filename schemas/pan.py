@@ -39,3 +39,37 @@ def scrub_pans(text: str) -> str:
         return match.group()
 
     return _CANDIDATE.sub(_replace, text)
+
+
+def pan_fields(data: object, path: str = "") -> list[str]:
+    """Where a decoded JSON value holds something that looks like a card number.
+
+    Every string anywhere (object keys included, lists and nested objects walked) and every
+    integer is checked. Paths name the fields without echoing the number: a key that is
+    itself card-number-like shows as ``<key>``.
+    """
+    found: list[str] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            name = str(key)
+            shown = "<key>" if looks_like_pan(name) else name
+            where = f"{path}.{shown}" if path else shown
+            if shown == "<key>":
+                found.append(where)
+            found.extend(pan_fields(value, where))
+    elif isinstance(data, list):
+        for index, item in enumerate(data):
+            found.extend(pan_fields(item, f"{path}[{index}]"))
+    elif isinstance(data, str) or (isinstance(data, int) and not isinstance(data, bool)):
+        if looks_like_pan(str(data)):
+            found.append(path or "<value>")
+    return found
+
+
+def scrub_bytes(raw: bytes | None) -> bytes | None:
+    """``raw`` with card-number-like digit runs replaced (unchanged when there are none)."""
+    if raw is None:
+        return None
+    text = raw.decode("utf-8", errors="replace")
+    scrubbed = scrub_pans(text)
+    return raw if scrubbed == text else scrubbed.encode()
