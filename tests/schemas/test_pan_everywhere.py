@@ -7,6 +7,7 @@ import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -80,8 +81,13 @@ def commands_with_a_card_number(draw: st.DrawFn) -> tuple[dict[str, Any], str, s
     kind = draw(st.sampled_from(sorted(COMMANDS)))
     field = draw(st.sampled_from(STRING_FIELDS[kind]))
     number = draw(card_numbers())
-    affix = st.text("abcdefghijklmnopqrstuvwxyz_", max_size=6)
-    text = draw(affix) + number + draw(affix)
+    # Anything around it, as long as the number stands apart from it (a digit run glued to
+    # letters is part of an id, see the next test).
+    words = st.text("abcdefghijklmnopqrstuvwxyz", max_size=6)
+    apart = st.sampled_from(["_", " ", ":", ".", "/", "#", "=", ",", "("])
+    prefix = draw(st.one_of(st.just(""), st.tuples(words, apart).map("".join)))
+    suffix = draw(st.one_of(st.just(""), st.tuples(apart, words).map("".join)))
+    text = prefix + number + suffix
     data: dict[str, Any] = {**BASE, "type": kind, **json.loads(json.dumps(COMMANDS[kind]))}
     if field == "metadata.value":
         data["metadata"]["note"] = text
@@ -119,7 +125,7 @@ def test_a_card_number_in_any_field_of_any_command_never_passes_intake(
 def test_a_card_number_outside_the_addressing_fields_is_a_clear_rejection() -> None:
     for field in ("customer_id", "description", "note"):
         data = {**BASE, "type": "authorize_payment", **COMMANDS["authorize_payment"],
-                field: f"x{PAN}"}
+                field: f"x {PAN}"}
         verdict = parse_command(json.dumps(data).encode())
         assert isinstance(verdict, Rejected), field
         assert verdict.reason == (
@@ -129,6 +135,19 @@ def test_a_card_number_outside_the_addressing_fields_is_a_clear_rejection() -> N
     data = {**BASE, "type": "refund_payment", "refund_id": "re_1", "reason": PAN}
     verdict = parse_command(json.dumps(data).encode())
     assert isinstance(verdict, Rejected) and "in reason" in verdict.reason
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.uuids(), st.uuids(), st.uuids())
+def test_hexadecimal_ids_with_long_digit_runs_are_not_card_numbers(
+    command_id: UUID, payment_id: UUID, key: UUID
+) -> None:
+    """About one random uuid hex in 500 holds a Luhn-valid run of 13-19 digits."""
+    data = {**BASE, "type": "void_payment", "command_id": f"cmd_{command_id.hex}",
+            "payment_id": f"pay_{payment_id.hex}", "idempotency_key": key.hex}
+    assert isinstance(parse_command(json.dumps(data).encode()), Accepted)
+    glued = {**data, "command_id": f"cmd_ab{PAN}cd", "payment_id": f"{PAN}ef"}
+    assert isinstance(parse_command(json.dumps(glued).encode()), Accepted)
 
 
 def test_pan_fields_names_nested_paths_without_the_number() -> None:
