@@ -67,13 +67,17 @@ def is_dlq_topic(topic: str) -> bool:
 def scrub_record(
     key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | None
 ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]] | None]:
-    """A DLQ record's key, value and headers (names and values) with PANs replaced."""
+    """A DLQ record's key, value and headers (names and values) with PANs replaced.
+
+    The key only loses standalone numbers (``4242...``, ``pay_4242...``): a replay must
+    still address the payment when its id is a random hex string that happens to hold a
+    Luhn-valid digit run (intake refuses commands keyed by a standalone one)."""
     clean_headers = None
     if headers is not None:
         clean_headers = [
             (scrub_pans(name), scrub_bytes(value) or b"") for name, value in headers
         ]
-    return scrub_bytes(key), scrub_bytes(value), clean_headers
+    return scrub_bytes(key, standalone_only=True), scrub_bytes(value), clean_headers
 
 
 def now_utc() -> datetime:

@@ -47,16 +47,26 @@ def looks_like_standalone_pan(text: str) -> bool:
     return False
 
 
-def scrub_pans(text: str) -> str:
-    """Replace every Luhn-valid 13-19 digit sequence by ``[PAN REDACTED]``."""
-
+def _scrub(pattern: re.Pattern[str], text: str) -> str:
     def _replace(match: re.Match[str]) -> str:
         digits = re.sub(r"[ -]", "", match.group())
         if 13 <= len(digits) <= 19 and _luhn_ok(digits):
             return "[PAN REDACTED]"
         return match.group()
 
-    return _CANDIDATE.sub(_replace, text)
+    return pattern.sub(_replace, text)
+
+
+def scrub_pans(text: str) -> str:
+    """Replace every Luhn-valid 13-19 digit sequence by ``[PAN REDACTED]``."""
+    return _scrub(_CANDIDATE, text)
+
+
+def scrub_standalone_pans(text: str) -> str:
+    """Like :func:`scrub_pans`, for standalone numbers only (see
+    :func:`looks_like_standalone_pan`): for Kafka keys, which must keep addressing the
+    payment when a random hexadecimal id happens to hold a Luhn-valid digit run."""
+    return _scrub(_STANDALONE, text)
 
 
 def pan_fields(data: object, path: str = "") -> list[str]:
@@ -84,10 +94,10 @@ def pan_fields(data: object, path: str = "") -> list[str]:
     return found
 
 
-def scrub_bytes(raw: bytes | None) -> bytes | None:
+def scrub_bytes(raw: bytes | None, *, standalone_only: bool = False) -> bytes | None:
     """``raw`` with card-number-like digit runs replaced (unchanged when there are none)."""
     if raw is None:
         return None
     text = raw.decode("utf-8", errors="replace")
-    scrubbed = scrub_pans(text)
+    scrubbed = scrub_standalone_pans(text) if standalone_only else scrub_pans(text)
     return raw if scrubbed == text else scrubbed.encode()

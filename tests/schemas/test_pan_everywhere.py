@@ -179,6 +179,9 @@ def test_dead_letter_key_value_and_headers_are_scrubbed() -> None:
     assert headers == [("dlq.error_message", b"bad [PAN REDACTED]"),
                        ("h[PAN REDACTED]", b"ok")]
     assert scrub_record(b"pay_1", None, None) == (b"pay_1", None, None)
+    # a key keeps addressing its payment when a hex id merely contains a Luhn-valid run
+    assert scrub_record(f"pay_ab{PAN}cd".encode(), None, None)[0] == f"pay_ab{PAN}cd".encode()
+    assert scrub_record(f"pay_{PAN}".encode(), None, None)[0] == b"pay_[PAN REDACTED]"
 
 
 def test_log_lines_with_extras_go_through_the_scrubber() -> None:
