@@ -35,6 +35,7 @@ from agents.events import build_event, rejection
 from agents.executor import Executor, RetryLater, is_positive_answer
 from agents.fees import FeeSchedule
 from agents.fencing import PartitionFence
+from agents.forwarding import forward_if_misplaced
 from agents.idempotency import MerchantIdempotencyKeys
 from agents.intake import Accepted, DeadLetter, Rejected, parse_command
 from agents.monitors import BreakerStateMonitor, LagMonitor, LedgerImbalanceMonitor
@@ -409,6 +410,8 @@ def create_app(settings: Settings) -> faust.App:
                         continue
                     add(event, message.payment_id, message)
                     continue
+                if forward_if_misplaced(publisher, event, settings.partitions):
+                    continue  # another partition owns this payment: sent there, one hop
                 verdict = parse_command(event.value)
                 if isinstance(verdict, DeadLetter):
                     metrics.COMMANDS.labels("unknown", "dlq").inc()

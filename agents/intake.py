@@ -4,6 +4,12 @@ Pure functions, no I/O. Two layers (see schemas.commands): bytes that are not JS
 envelope (type, schema_version, ids) is invalid cannot be answered to a merchant and go to
 the dead-letter topic; an addressable command with invalid business fields becomes a
 ``payment.rejected`` event whose reason says what was wrong.
+
+No card numbers (SPEC money rule 8): a command with a Luhn-valid 13-19 digit number in any
+field, at any depth, metadata keys and unknown extra fields included, is rejected, and the
+reason names the field, never the number. When the number is in a field the rejection
+would repeat (payment_id, merchant_id, idempotency_key, command_id) the record goes to the
+dead-letter topic instead, scrubbed like every dead letter.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from schemas.commands import (
     CommandEnvelope,
     describe_validation_error,
 )
-from schemas.pan import looks_like_pan, scrub_pans
+from schemas.pan import looks_like_pan, pan_fields, scrub_pans
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +53,9 @@ class Accepted:
 
 
 IntakeResult = DeadLetter | Rejected | Accepted
+
+ADDRESSING_FIELDS = frozenset({"payment_id", "merchant_id", "idempotency_key", "command_id"})
+"""Fields a ``payment.rejected`` event (and its Kafka key) repeats."""
 
 
 def fingerprint(command: Command) -> str:
@@ -76,6 +85,22 @@ def parse_command(raw: bytes | None) -> IntakeResult:
         envelope = CommandEnvelope.model_validate(data)
     except ValidationError as exc:
         return DeadLetter("schema_violation", "ValidationError", describe_validation_error(exc))
+    pans = pan_fields(data)
+    if pans:
+        where = ", ".join(pans[:10])
+        if ADDRESSING_FIELDS & set(pans):
+            # Answering would put the number on payments.events, in the status view and in
+            # the merchant's webhook: park the (scrubbed) record for an operator instead.
+            return DeadLetter(
+                "card_number", "CardNumber",
+                f"a card number (PAN) in {where}: the command cannot be answered without "
+                "echoing it",
+            )
+        return Rejected(
+            envelope,
+            f"invalid_command: a card number (PAN) in {where}; send a PSP payment-method "
+            "token, never a card number",
+        )
     try:
         command = COMMAND_ADAPTER.validate_python(data)
     except ValidationError as exc:

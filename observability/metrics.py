@@ -98,3 +98,8 @@ AUTHORIZATIONS_EXPIRED = Counter(
     "paystream_authorizations_expired_total",
     "Authorizations voided because they were not captured within their validity.",
 )
+COMMANDS_FORWARDED = Counter(
+    "paystream_commands_forwarded_total",
+    "Commands that arrived on a partition other than their payment's (a producer with a "
+    "non-murmur2 partitioner) and were forwarded to the right one.",
+)

@@ -45,8 +45,26 @@ def worker() -> None:
     from ops.logs import configure_logging
 
     configure_logging()
-    faust_app = create_app(get_settings())
+    settings = get_settings()
+    _refuse_unless_copartitioned(settings)
+    faust_app = create_app(settings)
     faust.Worker(faust_app, loglevel="info", override_logging=False).execute_from_commandline()
+
+
+def _refuse_unless_copartitioned(settings: Settings) -> None:
+    """Exit (code 78, configuration error) when the co-partitioned topics disagree."""
+    import logging
+
+    from topics.admin import TopicProblem, check_copartitioned
+
+    settings.require_real()
+    try:
+        check_copartitioned(settings)
+    except TopicProblem as exc:
+        message = f"refusing to start the worker: {exc}"
+        logging.getLogger("paystream.worker").critical(message)
+        Console(stderr=True).print(f"[red]{message}[/]", soft_wrap=True, highlight=False)
+        raise typer.Exit(78) from exc
 
 
 @app.command()

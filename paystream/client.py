@@ -43,6 +43,9 @@ class PaymentsClient:
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
+            # Kafka's Java placement (murmur2), which the pipeline expects; librdkafka's
+            # default (consistent_random) would cost every command an extra hop.
+            "partitioner": "murmur2_random",
         }
         conf.update(config)
         self._producer = Producer(conf)

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
-from schemas.pan import scrub_pans
+from schemas.pan import scrub_bytes, scrub_pans
 
 HEADER_PREFIX = "dlq."
 
@@ -56,9 +56,28 @@ class DlqEnvelope(BaseModel):
 
 def scrub_payload(raw: bytes) -> bytes:
     """The original bytes with card-number-like digit runs replaced."""
-    text = raw.decode("utf-8", errors="replace")
-    scrubbed = scrub_pans(text)
-    return raw if scrubbed == text else scrubbed.encode()
+    return scrub_bytes(raw) or b""
+
+
+def is_dlq_topic(topic: str) -> bool:
+    """Dead-letter topics are named ``<topic>.dlq`` (see topics.catalog)."""
+    return topic.endswith(".dlq")
+
+
+def scrub_record(
+    key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | None
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]] | None]:
+    """A DLQ record's key, value and headers (names and values) with PANs replaced.
+
+    The key only loses standalone numbers (``4242...``, ``pay_4242...``): a replay must
+    still address the payment when its id is a random hex string that happens to hold a
+    Luhn-valid digit run (intake refuses commands keyed by a standalone one)."""
+    clean_headers = None
+    if headers is not None:
+        clean_headers = [
+            (scrub_pans(name), scrub_bytes(value) or b"") for name, value in headers
+        ]
+    return scrub_bytes(key, standalone_only=True), scrub_bytes(value), clean_headers
 
 
 def now_utc() -> datetime:

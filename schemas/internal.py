@@ -12,7 +12,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+
+from schemas.pan import scrub_pans
+
+ScrubbedText = Annotated[str, AfterValidator(scrub_pans)]
+"""Text copied from a record into another topic: card-number-like digit runs replaced."""
 
 PendingOperation = Literal["authorize", "capture", "void", "refund"]
 
@@ -79,8 +84,9 @@ class RetryCommand(BaseModel):
     payment_id: str
     attempt: int
     """Retries already scheduled for this command (1 for the first retry)."""
-    command: str
-    """The original command's JSON, byte for byte."""
+    command: ScrubbedText
+    """The original command's JSON, byte for byte (a card number never gets this far:
+    intake rejects it; should one slip through, it is scrubbed here, not copied)."""
     original_topic: str
     original_partition: int
     original_offset: int
@@ -95,8 +101,8 @@ class RetryNotification(BaseModel):
     type: Literal["retry_notification"] = "retry_notification"
     payment_id: str
     attempt: int
-    notification: str
-    """The notification's JSON (a ``psp.protocol.PspNotification``)."""
+    notification: ScrubbedText
+    """The notification's JSON (a ``psp.protocol.PspNotification``), PAN-scrubbed."""
 
 
 class Delayed(BaseModel):
@@ -107,8 +113,8 @@ class Delayed(BaseModel):
 
     due_at: AwareDatetime
     target_topic: str
-    key: str
-    value: str
+    key: ScrubbedText
+    value: ScrubbedText
     kind: Literal["command", "notification"]
 
 

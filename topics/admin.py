@@ -7,7 +7,7 @@ from typing import Any
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from config.settings import Settings
-from topics.catalog import TopicSpec, catalog
+from topics.catalog import TopicSpec, catalog, copartitioned_topics
 from topics.kafka_config import client_config
 
 
@@ -82,3 +82,38 @@ def verify_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
     if problems:
         raise TopicProblem("; ".join(problems))
     return [spec.name for spec in catalog(settings)]
+
+
+def copartition_problems(settings: Settings, existing: dict[str, int]) -> list[str]:
+    """What is wrong with the co-partitioned topics, given ``existing`` name -> partitions.
+
+    They must all exist with one partition count, the one the worker is configured with
+    (``PAYSTREAM_PARTITIONS``): intake computes each payment's partition from it.
+    """
+    names = copartitioned_topics(settings)
+    missing = [name for name in names if name not in existing]
+    counts = {name: existing[name] for name in names if name in existing}
+    problems: list[str] = []
+    if missing:
+        problems.append(f"missing: {', '.join(missing)} (run 'paystream topics create')")
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{name}={n}" for name, n in counts.items())
+        problems.append(f"co-partitioned topics differ in partition count: {listed}")
+    elif counts and settings.partitions not in counts.values():
+        problems.append(
+            f"co-partitioned topics have {next(iter(counts.values()))} partitions, "
+            f"PAYSTREAM_PARTITIONS is {settings.partitions}"
+        )
+    return problems
+
+
+def check_copartitioned(settings: Settings, timeout: float = 15.0) -> None:
+    """Raise :class:`TopicProblem` unless the co-partitioned topics agree (worker start-up).
+
+    A payment's commands, PSP answers, retries and state changelog must share a partition
+    number; if the topics' partition counts differ, the same payment_id hashes to different
+    partitions, answers reach a worker without the payment's state, and payments strand.
+    """
+    problems = copartition_problems(settings, _existing(admin_client(settings), timeout))
+    if problems:
+        raise TopicProblem("; ".join(problems))

@@ -50,6 +50,22 @@ def changelog_topic(app_id: str, table: str) -> str:
     return f"{app_id}-{table}-changelog"
 
 
+def copartitioned_topics(settings: Settings) -> list[str]:
+    """Topics whose partition ``p`` must belong to the same worker for every ``p``.
+
+    All are keyed by ``payment_id`` and feed (or record) the payment's one writer; with
+    different partition counts the same key lands on different partitions.
+    """
+    return [
+        COMMANDS,
+        INTERNAL,
+        PSP_NOTIFICATIONS,
+        changelog_topic(settings.app_id, PAYMENT_STATE_TABLE),
+        *(name for name, _ in verify_tiers(settings)),
+        *(name for name, _ in retry_tiers(settings)),
+    ]
+
+
 class TopicSpec(BaseModel):
     """One topic: name, partitions, cleanup policy and what its key is."""
 

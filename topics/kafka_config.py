@@ -23,7 +23,7 @@ def client_config(settings: Settings) -> dict[str, str]:
 
 
 def producer_config(settings: Settings) -> dict[str, str | int | bool]:
-    """A durable, idempotent producer: acks=all, no reordering or duplicates on retry."""
+    """A durable, idempotent producer (acks=all) placing keys as Java does (murmur2)."""
     conf: dict[str, str | int | bool] = dict(client_config(settings))
     conf.update(
         {
@@ -31,6 +31,10 @@ def producer_config(settings: Settings) -> dict[str, str | int | bool]:
             "acks": "all",
             "linger.ms": 5,
             "compression.type": "none",
+            # Java's placement (murmur2), not librdkafka's default (consistent_random,
+            # CRC32): every record about a payment must land on the partition a Java,
+            # kafkajs or Faust producer would pick for its payment_id (README: Partitioning).
+            "partitioner": "murmur2_random",
         }
     )
     return conf

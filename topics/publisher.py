@@ -13,6 +13,7 @@ from typing import Any
 from confluent_kafka import KafkaError, Message, Producer
 
 from config.settings import Settings
+from schemas.dlq import is_dlq_topic, scrub_record
 from topics.kafka_config import producer_config
 
 
@@ -49,6 +50,10 @@ class EventPublisher:
         headers: list[tuple[str, bytes]] | None = None,
         partition: int | None = None,
     ) -> None:
+        if is_dlq_topic(topic):
+            # One place for every dead letter (intake, executor, resolver, notifications,
+            # sinks, merchant webhooks): no card number in its key, value or headers.
+            key, value, headers = scrub_record(key, value, headers)
         kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": self._on_delivery}
         if headers:
             kwargs["headers"] = headers

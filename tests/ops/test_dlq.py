@@ -11,7 +11,6 @@ import asyncio
 import json
 import urllib.request
 import uuid
-import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -31,6 +30,7 @@ from sinks.migrations import migrate
 from tests.agents.kafka_reader import TopicReader
 from tests.conftest import wait_for
 from topics.catalog import COMMANDS, COMMANDS_DLQ, EVENTS, EVENTS_DLQ
+from topics.partitioning import java_partition
 
 pytestmark = pytest.mark.stack
 
@@ -141,12 +141,13 @@ def dead_letter_valid_command(live: Settings, payment_id: str, merchant_id: str)
     A transient failure (here: a PSP connection reset in the executor) cannot be forced
     on the running worker from a test, so the test plays the worker's part: the command's
     bytes and key go to the DLQ with the headers the worker writes (DlqEnvelope), pointing
-    at the partition librdkafka's default partitioner (CRC32 of the key) would have chosen
-    on payments.commands and at that partition's current end offset. The replay then has
+    at the payment's home partition on payments.commands (murmur2 of the key, where the
+    worker processes it; a command elsewhere would have been forwarded there first) and at
+    that partition's current end offset. The replay then has
     to bring the payment through the real pipeline exactly once.
     """
     key = payment_id.encode()
-    partition = zlib.crc32(key) % live.partitions
+    partition = java_partition(key, live.partitions)
     consumer = Consumer({"bootstrap.servers": live.kafka_bootstrap_servers, "group.id": "t"})
     try:
         _low, high = consumer.get_watermark_offsets(TopicPartition(COMMANDS, partition), 10)
