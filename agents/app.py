@@ -199,6 +199,7 @@ class Resources:
                     # A SIGKILLed worker's slots come back when their leases lapse: just
                     # longer than any call can take (the PSP timeout), no more.
                     lease_seconds=2 * s.psp_timeout_seconds + 1,
+                    slot_timeout=s.psp_slot_wait_seconds,
                     key_prefix=s.app_id,
                 ),
             )

@@ -105,6 +105,12 @@ class Settings(BaseSettings):
         5.0, description="Seconds a breaker stays open before a half-open trial."
     )
     psp_max_in_flight: int = Field(256, description="Open connections to each PSP per worker.")
+    psp_slot_wait_seconds: float = Field(
+        1.0,
+        description="How long a PSP call waits for a free concurrency slot before the next "
+        "PSP is tried (a burst waits briefly instead of being parked in a retry tier).",
+        ge=0,
+    )
     psp_webhook_tolerance_seconds: int = Field(
         300, description="Accepted age (either direction) of a PSP webhook's signed timestamp."
     )
