@@ -334,7 +334,7 @@ def create_app(settings: Settings) -> faust.App:
 
         await with_infra_retries("checking partition epochs", check)
         if lost:
-            metrics.FENCED_STATE_WRITES.inc(len(lost))
+            metrics.ZOMBIE_STATE_WRITES.inc(len(lost))
         return lost
 
     # ---------------------------------------------------------------- command processing
@@ -368,12 +368,10 @@ def create_app(settings: Settings) -> faust.App:
                 # through our producer, flushed before the batch is acked: Faust's own
                 # producer "flush" returns after 0.1 s without progress while records are
                 # still buffered, so Faust can commit offsets past state it never wrote.
-                # And only for partitions this worker still owns (agents/fencing.py).
-                lost = await fenced_partitions({p for p, _value in changes.values()})
+                # A write for a partition another worker took meanwhile (a rebalance
+                # zombie) is detected and counted, not dropped: see agents/fencing.py.
+                await fenced_partitions({p for p, _value in changes.values()})
                 for key, (partition, value) in changes.items():
-                    if partition in lost:
-                        state_table.data.pop(key, None)  # the new owner's state wins
-                        continue
                     state_writer.publish(changelog, key, value, partition=partition)
                 await with_infra_retries("writing the state changelog", state_writer.flush)
         finally:
@@ -446,10 +444,7 @@ def create_app(settings: Settings) -> faust.App:
                     working = state.model_copy(deep=True) if state is not None else None
                     if isinstance(item, ResolvePayment):
                         if working is None:
-                            # The PSP answered for a payment this table does not know: the
-                            # state was lost. Never drop that silently; park it for replay.
-                            dead_letter(publisher, event, "resolver", "unknown_payment",
-                                        "UnknownPayment", f"no state for {item.payment_id}")
+                            park_resolution(publisher, event, item)
                             continue
                         new_state, outputs = processor.resolve(working, item)
                         kind = item.type
@@ -622,6 +617,22 @@ def create_app(settings: Settings) -> faust.App:
         publisher.publish(cat.COMMANDS_DLQ, command.payment_id.encode(), scrub_payload(original),
                           envelope.to_headers())
         return base, [reply]
+
+    def park_resolution(publisher: EventPublisher, event: Any, answer: ResolvePayment) -> None:
+        """The PSP answered for a payment whose state is not here (yet).
+
+        After a rebalance or a restart the command that creates the state may still be on
+        its way (redelivered after the answer): the answer waits in the retry tiers and
+        comes back; only after ``notification_max_attempts`` does it go to the DLQ (never
+        dropped silently; replayable once the state is back).
+        """
+        attempt = answer.redeliveries + 1
+        if attempt <= settings.notification_max_attempts:
+            again = answer.model_copy(update={"redeliveries": attempt})
+            park(publisher, attempt, answer.payment_id, again.model_dump_json(), "resolution")
+            return
+        dead_letter(publisher, event, "resolver", "unknown_payment", "UnknownPayment",
+                    f"no state for {answer.payment_id} after {attempt - 1} retries")
 
     def park_notification(publisher: EventPublisher, work: Work, note: PspNotification) -> None:
         """A webhook about a payment we do not know (yet): retry, then dead-letter."""

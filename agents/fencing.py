@@ -1,25 +1,21 @@
-"""Fencing the command processor's partitions against rebalance zombies.
+"""Detecting rebalance zombies on the command processor's partitions.
 
 Faust runs agents with ``stream_wait_empty=False``: a worker that loses partitions in a
 rebalance keeps running its in-flight batch while the new owner re-processes the same
 records. Its outputs are idempotent (events by id, the ledger by event id, PSP calls by
-attempt id), but a late *state* write would overwrite the new owner's newer state in the
-changelog, and a restart would restore the stale one.
+attempt id), but a late *state* write can land in the changelog after the new owner's.
 
-So every write of payment state is fenced by an owner epoch in PostgreSQL:
-
-* on assignment, the worker takes the next epoch of each of its ``payments.commands``
-  partitions (``partition_owners``: one row per partition, bumped atomically);
-* right before writing a batch's state to the changelog, it checks that it still holds
-  the epochs it took for the batch's partitions (one query per batch); partitions
-  revoked locally since the batch started are fenced without asking;
-* state of a fenced partition is not written (the new owner writes its own), and the
-  worker's in-memory copy of it is dropped.
-
-What remains is the few milliseconds between the check and the changelog flush; Kafka
-transactions with a transactional id per input partition would close it too (see
-README, "Fencing"), at the cost of one producer and one transaction per partition per
-batch.
+Every worker takes an owner epoch in PostgreSQL for each ``payments.commands`` partition
+it is assigned (``partition_owners``: one row per partition, bumped atomically), and
+before writing a batch's state to the changelog asks which of the batch's partitions
+another worker has taken since (one query per batch). Those writes are counted
+(``paystream_zombie_state_writes_total``) and logged, **not dropped**: dropping them was
+tried and is unsafe with Faust, which still acknowledges the batch's input records (and
+may commit them when the partition comes back to the same worker), so the state would
+be lost while its events were published. Preventing the write needs the batch's state,
+outputs and input offsets in one Kafka transaction per input partition (a transactional
+producer per partition, ``read_committed`` consumers): the open part of issue 11,
+finding 10.
 """
 
 from __future__ import annotations
@@ -90,6 +86,6 @@ class PartitionFence:
                 if held.get(partition) != (self._epochs[partition], self.owner):
                     lost.add(partition)
         if lost:
-            log.warning("fence: partitions %s were taken by another worker; dropping "
-                        "their late state", sorted(lost))
+            log.warning("fence: partitions %s were taken by another worker while this "
+                        "batch ran (a rebalance zombie)", sorted(lost))
         return lost

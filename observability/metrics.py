@@ -49,10 +49,10 @@ PENDING_VERIFICATION = Gauge(
     "paystream_payments_pending_verification",
     "Payments of this worker's partitions whose PSP outcome is unknown (being verified).",
 )
-FENCED_STATE_WRITES = Counter(
-    "paystream_fenced_state_writes_total",
-    "Batches' state writes dropped for a partition another worker had taken (a rebalance "
-    "zombie fenced).",
+ZOMBIE_STATE_WRITES = Counter(
+    "paystream_zombie_state_writes_total",
+    "Batches' state writes for a partition another worker had taken meanwhile (a rebalance "
+    "zombie; detected by the owner epochs, not prevented: docs/failure-modes.md).",
 )
 STUCK_PAYMENTS = Gauge(
     "paystream_payments_stuck",

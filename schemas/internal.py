@@ -63,6 +63,8 @@ class ResolvePayment(BaseModel):
     psp: str
     result: str
     source: Literal["resend", "lookup", "webhook", "operator"] = "resend"
+    redeliveries: int = 0
+    """Times it came back from a retry tier because the payment's state was not there."""
 
 
 class ExpireAuthorization(BaseModel):
@@ -115,7 +117,7 @@ class Delayed(BaseModel):
     target_topic: str
     key: ScrubbedText
     value: ScrubbedText
-    kind: Literal["command", "notification"]
+    kind: Literal["command", "notification", "resolution"]
 
 
 InternalRecord = ResolvePayment | ExpireAuthorization | RetryCommand | RetryNotification
