@@ -173,6 +173,15 @@ class Plan:
     def all_payments(self) -> list[Payment]:
         return self.payments + self.reused
 
+    def describe(self, payment_id: str) -> str:
+        """How the plan made a payment: capture method, token, partitioner, reuse."""
+        for p in self.all_payments():
+            if p.payment_id == payment_id:
+                reuse = f", reuses {p.reuses}'s key" if p.reuses else ""
+                return (f"[{'manual' if p.manual else 'auto'} {p.token} "
+                        f"{'murmur2' if p.java_partitioner else 'crc32'}{reuse}]")
+        return "[not planned]"
+
 
 def make_plan(seed: int, payments: int, workers: int, kills: int) -> Plan:
     """Everything the run will do, drawn from ``random.Random(seed)``."""
@@ -422,7 +431,9 @@ def step_ready(p: Payment, step: Step, seen: Observed) -> bool | None:
         wanted = {"captured", "partially_refunded"}
     if status in wanted:
         return True
-    return None if status in ALWAYS_FINAL | {"authorized"} else False
+    final = status in ALWAYS_FINAL | {"authorized"} or (
+        status == "requires_action" and p.token == "tok_threeDSecureRequired")
+    return None if final else False
 
 
 def amount_for(step: Step, row: dict[str, Any]) -> int | None:
@@ -614,8 +625,8 @@ def check_every_payment_final(t: Truth) -> list[Violation]:
         if not is_final(p, row, t.answered):
             cap, ref = t.psp_amounts(p.payment_id)
             psp = [c["status"] for c in t.psp_by_payment().get(p.payment_id, [])]
-            out.append(f"{p.payment_id}: status {row and row['status']} ({p.token}, "
-                       f"{'manual' if p.manual else 'auto'}); PSP {psp} captured {cap}")
+            out.append(f"{p.payment_id} {t.plan.describe(p.payment_id)}: status "
+                       f"{row and row['status']}; PSP {psp} captured {cap}")
     return out
 
 
@@ -625,7 +636,8 @@ def check_every_command_answered(t: Truth) -> list[Violation]:
         keys = [p.key] + [s.key for s in p.steps if s.sent]
         missing = [k for k in keys if (p.payment_id, k) not in t.answered]
         if missing:
-            out.append(f"{p.payment_id}: no answer to {missing} (status "
+            out.append(f"{p.payment_id} {t.plan.describe(p.payment_id)}: no answer to "
+                       f"{missing} (status "
                        f"{t.status.get(p.payment_id, {}).get('status')})")
     return out
 
@@ -652,7 +664,8 @@ def check_psp_equals_ledger(t: Truth) -> list[Violation]:
         psp = t.psp_amounts(p.payment_id)
         ours = t.ledger_rows.get(p.payment_id, (0, 0))
         if psp != ours:
-            out.append(f"{p.payment_id}: PSP captured/refunded {psp}, ledger {ours} "
+            out.append(f"{p.payment_id} {t.plan.describe(p.payment_id)}: PSP "
+                       f"captured/refunded {psp}, ledger {ours} "
                        f"(status {t.status.get(p.payment_id, {}).get('status')})")
     return out
 
@@ -669,7 +682,8 @@ def check_psp_equals_status_view(t: Truth) -> list[Violation]:
         psp = t.psp_amounts(p.payment_id)
         row = t.status.get(p.payment_id)
         if psp != _amounts(row):
-            out.append(f"{p.payment_id}: PSP captured/refunded {psp}, status view "
+            out.append(f"{p.payment_id} {t.plan.describe(p.payment_id)}: PSP "
+                       f"captured/refunded {psp}, status view "
                        f"{_amounts(row)} ({row and row['status']})")
     return out
 
@@ -685,7 +699,8 @@ def check_psp_equals_events(t: Truth) -> list[Violation]:
         psp = t.psp_amounts(p.payment_id)
         latest = _latest(t.events.get(p.payment_id, []))
         if psp != _amounts(latest):
-            out.append(f"{p.payment_id}: PSP captured/refunded {psp}, latest event "
+            out.append(f"{p.payment_id} {t.plan.describe(p.payment_id)}: PSP "
+                       f"captured/refunded {psp}, latest event "
                        f"{_amounts(latest)} ({latest and latest['type']})")
     return out
 
@@ -697,8 +712,8 @@ def check_holds_agree(t: Truth) -> list[Violation]:
         held = [c for c in t.psp_by_payment().get(p.payment_id, []) if c["status"] in PSP_HELD]
         status = t.status.get(p.payment_id, {}).get("status")
         if bool(held) != (status == "authorized"):
-            out.append(f"{p.payment_id}: PSP {[c['status'] for c in held] or 'no hold'}, "
-                       f"status view {status}")
+            out.append(f"{p.payment_id} {t.plan.describe(p.payment_id)}: PSP "
+                       f"{[c['status'] for c in held] or 'no hold'}, status view {status}")
     return out
 
 
@@ -732,15 +747,16 @@ def check_no_money_losing_dead_letters(t: Truth) -> list[Violation]:
     for record in t.dlq:
         key = record["key"]
         reason = record["reason"]
+        how = t.plan.describe(key)
         if record["topic"] == cat.EVENTS_DLQ and key in known:
-            out.append(f"{key}: event dead-lettered ({reason}): {record['message'][:120]}")
+            out.append(f"{key} {how}: {record['topic']} {reason}: {record['message'][:120]}")
         elif key in known and reason.startswith(MONEY_DLQ_REASONS):
-            out.append(f"{key}: {record['topic']} {reason}: {record['message'][:120]}")
+            out.append(f"{key} {how}: {record['topic']} {reason}: {record['message'][:120]}")
         elif key in known and reason.startswith("retries_exhausted") and any(
             int(c["amount_captured"]) > 0 or c["status"] in PSP_HELD
             for c in t.psp_by_payment().get(key, [])
         ):
-            out.append(f"{key}: {reason} although the PSP charged it")
+            out.append(f"{key} {how}: {reason} although the PSP charged it")
     return out
 
 
