@@ -186,7 +186,7 @@ class Plan:
 def make_plan(seed: int, payments: int, workers: int, kills: int) -> Plan:
     """Everything the run will do, drawn from ``random.Random(seed)``."""
     rng = random.Random(seed)
-    prefix = f"pay_sim{seed}_{uuid.uuid4().hex[:6]}_"
+    prefix = f"pay_sim{seed}_"  # every run has its own broker, database and sandboxes
     tokens, weights = zip(*TOKENS, strict=True)
     out: list[Payment] = []
     for n in range(payments):
@@ -953,3 +953,43 @@ async def test_fault_simulation_keeps_money_truth(
     await asyncio.to_thread(full.write_text, json.dumps(found, indent=1))
     if any(found.values()):
         pytest.fail(f"{text}\n  all violations: {full}", pytrace=False)
+
+
+# --------------------------------------------------------------------------- the harness
+
+
+def test_a_seed_always_makes_the_same_plan() -> None:
+    one, two = make_plan(5, 200, 2, 3), make_plan(5, 200, 2, 3)
+    assert one == two
+    assert one != make_plan(6, 200, 2, 3)
+    assert {f.kind for f in one.faults} == {"kill", "flush"}
+    kinds = Counter(s.kind for p in one.payments for s in p.steps)
+    assert kinds["capture"] and kinds["void"] and kinds["refund"]
+    assert {p.java_partitioner for p in one.payments} == {True, False}
+    assert {p.token for p in one.payments} >= {"tok_visa", "tok_threeDSecureRequired",
+                                               "tok_chargeDeclinedProcessingError"}
+    assert one.reused and all(r.key != r.payment_id + "-a" for r in one.reused)
+
+
+def _truth(events: list[dict[str, Any]], charges: list[dict[str, Any]]) -> Truth:
+    plan = make_plan(1, 1, 1, 0)
+    return Truth(plan=plan, load=Load.__new__(Load), charges=charges, status={},
+                 events={"p": events}, answered=set(), ledger_rows={},
+                 ledger_report=None, dlq=[])  # type: ignore[arg-type]
+
+
+def test_the_invariants_catch_what_they_name() -> None:
+    def event(seq: int, status: str, captured: int = 0) -> dict[str, Any]:
+        return {"type": f"payment.{status}", "status": status, "sequence": seq,
+                "amount_captured": captured, "amount_refunded": 0}
+
+    regressed = _truth([event(1, "captured", 5), event(2, "pending_verification")], [])
+    assert check_terminal_never_regressed(regressed)
+    fine = _truth([event(1, "authorized"), event(2, "captured", 5)], [])
+    assert check_terminal_never_regressed(fine) == []
+    charge = {"psp": "alpha", "id": "pi_1", "payment_id": "p", "status": "succeeded",
+              "amount_captured": 5, "amount_refunded": 0}
+    assert check_no_double_charge(_truth([], [charge, {**charge, "id": "pi_2"}]))
+    assert check_no_double_charge(_truth([], [charge, {**charge, "id": "pi_2",
+                                                       "status": "canceled",
+                                                       "amount_captured": 0}])) == []
