@@ -32,6 +32,8 @@ Knobs (environment):
 * ``PAYSTREAM_SIM_SEED=N``: run that one seed (replay);
   ``PAYSTREAM_SIM_SEEDS=1,2,3`` or ``PAYSTREAM_SIM_SEEDS=random:20``: several seeds;
   without either, the fixed CI seeds.
+* ``PAYSTREAM_SIM_REPORT_DIR``: where each seed's full report goes (JSON, every
+  violation; default ``.paystream/sim/``).
 * ``PAYSTREAM_SIM_PAYMENTS`` (default 300; issue 11 asks 2,000+ by hand),
   ``PAYSTREAM_SIM_WORKERS`` (default 2), ``PAYSTREAM_SIM_KILLS`` (default 3),
   ``PAYSTREAM_SIM_RATE`` (authorizations per second, default 25),
@@ -76,6 +78,9 @@ KILLS = int(os.environ.get("PAYSTREAM_SIM_KILLS", "3"))
 RATE = float(os.environ.get("PAYSTREAM_SIM_RATE", "25"))
 SETTLE_SECONDS = float(os.environ.get("PAYSTREAM_SIM_SETTLE_SECONDS", "180"))
 RETENTION_SECONDS = 4  # idempotency_retention_seconds in the simulated deployment
+# Every violation of a seed, as JSON (pytest's own temp folders rotate away).
+REPORT_DIR = Path(os.environ.get("PAYSTREAM_SIM_REPORT_DIR",
+                                 Path(__file__).resolve().parents[2] / ".paystream" / "sim"))
 
 # Found on the code of 2026-12-01 (issue 11); the integrator removes this once fixed.
 TODAY_FAILS = (
@@ -907,6 +912,11 @@ def report(plan: Plan, found: dict[str, list[Violation]], log: list[str],
     return "\n".join(lines)
 
 
+def write_report(path: Path, body: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(body, indent=1))
+
+
 def stats_of(t: Truth) -> dict[str, Any]:
     return {
         "statuses": dict(Counter(r["status"] for r in t.status.values())),
@@ -930,7 +940,7 @@ async def sim_conn(sim_stack: EmbeddedStack) -> AsyncIterator[asyncpg.Connection
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("seed", _seeds())
 async def test_fault_simulation_keeps_money_truth(
-    seed: int, sim_stack: EmbeddedStack, sim_conn: asyncpg.Connection, tmp_path: Path
+    seed: int, sim_stack: EmbeddedStack, sim_conn: asyncpg.Connection
 ) -> None:
     started = time.monotonic()
     plan = make_plan(seed, PAYMENTS, WORKERS, KILLS)
@@ -949,8 +959,8 @@ async def test_fault_simulation_keeps_money_truth(
     log.append(f"done in {time.monotonic() - started:.0f}s")
     text = report(plan, found, log, stats_of(truth))
     print(text)  # noqa: T201 - the seed's summary, shown with -s or on failure
-    full = tmp_path / f"sim-seed-{seed}.json"
-    await asyncio.to_thread(full.write_text, json.dumps(found, indent=1))
+    full = REPORT_DIR / f"sim-seed-{seed}-{PAYMENTS}.json"
+    await asyncio.to_thread(write_report, full, {"summary": text, "violations": found})
     if any(found.values()):
         pytest.fail(f"{text}\n  all violations: {full}", pytrace=False)
 
