@@ -84,10 +84,13 @@ REPORT_DIR = Path(os.environ.get("PAYSTREAM_SIM_REPORT_DIR",
 
 # Found on the code of 2026-12-01 (issue 11); the integrator removes this once fixed.
 TODAY_FAILS = (
-    "issue 11: on today's code the simulation finds PSP money missing from the ledger / "
-    "status view (key reuse after retention: event ids collide, #3; failed lookups "
-    "taken as answers, #1/#5), payments left pending_verification (#7) and dead letters "
-    "that lose money truth (#12); see the printed report"
+    "issue 11, found by this simulation on 2026-12-01: PSP charges and refunds missing "
+    "from ledger/status/events (key reused after retention: colliding event ids, #3; "
+    "charged but declined, #1/#5), payments stuck pending_verification while the PSP "
+    "succeeded and verification answers / PSP webhooks dead-lettered as unknown_payment "
+    "for murmur2-published payments (#7/#12), captured -> pending_verification and "
+    "refunded -> refund_failed at one sequence (#5/#10); run with --runxfail -s for the "
+    "per-invariant report"
 )
 
 
