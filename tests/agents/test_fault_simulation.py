@@ -439,8 +439,8 @@ def step_ready(p: Payment, step: Step, seen: Observed) -> bool | None:
         wanted = {"captured", "partially_refunded"}
     if status in wanted:
         return True
-    final = status in ALWAYS_FINAL | {"authorized"} or (
-        status == "requires_action" and p.token == "tok_threeDSecureRequired")
+    final = (status in ALWAYS_FINAL or (status == "authorized" and p.manual)
+             or (status == "requires_action" and p.token == "tok_threeDSecureRequired"))
     return None if final else False
 
 
