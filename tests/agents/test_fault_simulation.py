@@ -7,7 +7,8 @@ One seed drives, through ``random.Random(seed)``:
   declines (``tok_chargeDeclinedProcessingError``), 3DS (``tok_threeDSecureRequired``,
   never completed), captures (full, partial) and voids of manual holds, refunds (partial,
   full), repeated authorize commands (replays), a merchant reusing an idempotency key for
-  a NEW payment once the key's retention has passed;
+  a NEW payment once the key's retention has passed, and (just after the Redis FLUSHDB)
+  for another payment within the retention (an idempotency conflict: never charged);
 * which producer publishes each payment: librdkafka's default partitioner
   (``consistent_random``) or ``murmur2_random`` (the Java placement);
 * the fault schedule: SIGKILLs of random workers in a consumer group of several workers
@@ -52,6 +53,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +158,7 @@ class Payment:
     duplicate: bool
     steps: list[Step] = field(default_factory=list)
     reuses: str | None = None  # this payment reuses the idempotency key of that payment
+    conflicts_with: str | None = None  # ...of that payment, within the retention
     published_at: float | None = None
     answered_at: float | None = None  # when its authorization was first seen answered
 
@@ -177,15 +180,23 @@ class Plan:
     faults: list[Fault]
     psp_faults: dict[str, dict[str, float]]
     webhook_config: dict[str, Any]
+    # Sent right after the FLUSHDB with the key of a payment answered < 1 s before; the
+    # merchant and key are filled in then.
+    conflicts: list[Payment] = field(default_factory=list)
 
     def all_payments(self) -> list[Payment]:
-        return self.payments + self.reused
+        return self.payments + self.reused + self.sent_conflicts()
+
+    def sent_conflicts(self) -> list[Payment]:
+        return [c for c in self.conflicts if c.published_at is not None]
 
     def describe(self, payment_id: str) -> str:
         """How the plan made a payment: capture method, token, partitioner, reuse."""
         for p in self.all_payments():
             if p.payment_id == payment_id:
                 reuse = f", reuses {p.reuses}'s key" if p.reuses else ""
+                if p.conflicts_with:
+                    reuse = f", {p.conflicts_with}'s key within the retention"
                 return (f"[{'manual' if p.manual else 'auto'} {p.token} "
                         f"{'murmur2' if p.java_partitioner else 'crc32'}{reuse}]")
         return "[not planned]"
@@ -255,7 +266,13 @@ def make_plan(seed: int, payments: int, workers: int, kills: int) -> Plan:
         "max_attempts": 10,
         "retry_backoff_ms": 200,
     }
-    return Plan(seed, prefix, out, reused, faults, psp_faults, webhook_config)
+    conflicts = [
+        Payment(payment_id=f"{prefix}conflict{n:04d}", merchant_id="", key="",
+                amount=rng.randint(100, 40_000), currency="USD", token="tok_visa",
+                manual=False, java_partitioner=rng.random() < 0.5, duplicate=False)
+        for n in range(max(1, payments // 100))
+    ]
+    return Plan(seed, prefix, out, reused, faults, psp_faults, webhook_config, conflicts)
 
 
 # --------------------------------------------------------------------------- the stack
@@ -343,6 +360,7 @@ class Injector:
         self.log = log
         self.pending = list(plan.faults)
         self.tasks: list[asyncio.Task[None]] = []
+        self.flushed_at: float | None = None
         self.locks = {index: asyncio.Lock() for index in range(WORKERS)}
         self.started = time.monotonic()
 
@@ -388,6 +406,7 @@ class Injector:
                     await client.flushdb()
                 finally:
                     await client.aclose()
+                self.flushed_at = time.monotonic()
                 self.note(f"redis FLUSHDB at command {published}")
             else:
                 self.tasks.append(asyncio.create_task(self.kill_and_restart(fault, published)))
@@ -516,23 +535,50 @@ class Load:
                 break
         return ready
 
+    def mark_answered(self, seen: Observed) -> None:
+        """When each authorization was first seen answered (its key was bound before)."""
+        now = time.monotonic()
+        for p in self.plan.payments:
+            if p.answered_at is None and (p.payment_id, p.key) in seen.answered:
+                p.answered_at = now
+
     def reuses_due(self, seen: Observed) -> list[Payment]:
         """Key reuse once the old payment is final and its key's retention has passed."""
         by_id = {p.payment_id: p for p in self.plan.payments}
         due = []
         for p in self.plan.reused:
             old = by_id[p.reuses or ""]
-            if p.published_at is not None or (old.payment_id, old.key) not in seen.answered:
+            if p.published_at is not None or old.answered_at is None:
                 continue
-            if old.answered_at is None:
-                old.answered_at = time.monotonic()  # its key was bound before this
             if time.monotonic() - old.answered_at > RETENTION_SECONDS + 1.5:
                 due.append(p)
         return due
 
-    def publish_ready(self, seen: Observed) -> int:
-        """Publish every follow-up and key reuse that is due; returns how many."""
+    def conflicts_due(self, flushed_at: float | None) -> list[Payment]:
+        """Right after the FLUSHDB (for 5 s): the key of a payment answered < 1 s ago,
+        for another payment: well within the retention, so an idempotency conflict."""
+        now = time.monotonic()
+        if flushed_at is None or now - flushed_at > 5:
+            return []
+        taken = {c.conflicts_with for c in self.plan.conflicts}
+        fresh = [p for p in self.plan.payments if p.answered_at is not None
+                 and now - p.answered_at < 1.0 and p.payment_id not in taken]
+        due = []
+        for conflict, target in zip(
+            [c for c in self.plan.conflicts if c.published_at is None], fresh, strict=False
+        ):
+            conflict.merchant_id, conflict.key = target.merchant_id, target.key
+            conflict.conflicts_with = target.payment_id
+            due.append(conflict)
+        return due
+
+    def publish_ready(self, seen: Observed, flushed_at: float | None = None) -> int:
+        """Publish every follow-up, key reuse and conflict that is due; returns how many."""
+        self.mark_answered(seen)
         sent = 0
+        for p in self.conflicts_due(flushed_at):
+            self.authorize(p)
+            sent += 1
         for p, step in self.pending_follow_ups(seen):
             self.follow_up(p, step, seen.status[p.payment_id])
             sent += 1
@@ -569,7 +615,7 @@ async def run_load(stack: EmbeddedStack, plan: Plan, injector: Injector,
         if time.monotonic() - last_poll > 0.5:
             seen = await observe(conn, plan.prefix)
             last_poll = time.monotonic()
-            if load.publish_ready(seen):
+            if load.publish_ready(seen, injector.flushed_at):
                 last_sent = time.monotonic()
         await injector.due(load.published)
         if not queue and (load.done(seen) or time.monotonic() - last_sent > 15):
@@ -749,6 +795,30 @@ def check_terminal_never_regressed(t: Truth) -> list[Violation]:
     return out
 
 
+def _when(iso: str) -> datetime:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+
+def check_conflicts_never_charged(t: Truth) -> list[Violation]:
+    """A key bound to a payment < retention ago, sent for another payment: rejected, not
+    charged, whatever happened to Redis (the FLUSHDB came just before)."""
+    out = []
+    for c in t.plan.sent_conflicts():
+        charged = [x for x in t.psp_by_payment().get(c.payment_id, [])
+                   if int(x["amount_captured"]) > 0 or x["status"] in PSP_HELD]
+        bound = [_when(e["occurred_at"]) for e in t.events.get(c.conflicts_with or "", [])
+                 if e.get("idempotency_key") == c.key]
+        if not charged or not bound:
+            continue
+        gap = (min(_when(x["created"]) for x in charged) - min(bound)).total_seconds()
+        if gap < RETENTION_SECONDS - 0.5:  # else the retention had passed: a legal reuse
+            out.append(f"{c.payment_id}: charged {charged[0]['amount_captured']} at "
+                       f"{charged[0]['psp']} {gap:.1f}s after {c.conflicts_with} was answered "
+                       f"with key {c.key} (retention {RETENTION_SECONDS}s); status "
+                       f"{t.status.get(c.payment_id, {}).get('status')}")
+    return out
+
+
 def check_no_money_losing_dead_letters(t: Truth) -> list[Violation]:
     known = {p.payment_id for p in t.plan.all_payments()}
     out = []
@@ -776,6 +846,7 @@ INVARIANTS: dict[str, Check] = {
     "PSP == status view": check_psp_equals_status_view,
     "PSP == events": check_psp_equals_events,
     "holds agree": check_holds_agree,
+    "idempotency conflicts never charged": check_conflicts_never_charged,
     "ledger verify": check_ledger_verifies,
     "terminal states never regress": check_terminal_never_regressed,
     "no dead letter loses money truth": check_no_money_losing_dead_letters,
@@ -926,6 +997,8 @@ def stats_of(t: Truth) -> dict[str, Any]:
         "psp_charges": len(t.charges),
         "dlq_records": dict(Counter(f"{d['topic']}:{d['reason'][:30]}" for d in t.dlq)),
         "follow_ups_dropped": len(t.load.skipped),
+        "key_reuses": len(t.plan.reused),
+        "conflicts_sent": len(t.plan.sent_conflicts()),
     }
 
 
