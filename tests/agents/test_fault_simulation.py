@@ -86,13 +86,16 @@ REPORT_DIR = Path(os.environ.get("PAYSTREAM_SIM_REPORT_DIR",
 
 # Found on the code of 2026-12-01 (issue 11); the integrator removes this once fixed.
 TODAY_FAILS = (
-    "issue 11, found by this simulation on 2026-12-01: PSP charges and refunds missing "
-    "from ledger/status/events (key reused after retention: colliding event ids, #3; "
-    "charged but declined, #1/#5), payments stuck pending_verification while the PSP "
-    "succeeded and verification answers / PSP webhooks dead-lettered as unknown_payment "
-    "for murmur2-published payments (#7/#12), captured -> pending_verification and "
-    "refunded -> refund_failed at one sequence (#5/#10); run with --runxfail -s for the "
-    "per-invariant report"
+    "issue 11, found by this simulation on 2026-12-01 (results vary run to run): "
+    "payments charged twice, at alpha AND beta, around the Redis FLUSHDB and a SIGKILL "
+    "(rule 3); idempotency conflicts charged after the FLUSHDB (#3, durable binding); "
+    "a key reused after its retention charged but missing from ledger and events "
+    "(colliding event ids, #3); charged or held at the PSP but declined/canceled here "
+    "(#1/#5/#6); refunds made at the PSP missing from ledger/status (#5/#12); payments "
+    "stuck pending_verification or never answered (#7/#8); verification answers and PSP "
+    "webhooks dead-lettered as unknown_payment, mostly for murmur2-published payments "
+    "(#12); captured -> pending_verification at one sequence (#10). Run with "
+    "--runxfail -s for the per-invariant report"
 )
 
 
