@@ -38,7 +38,9 @@ Knobs (environment):
 * ``PAYSTREAM_SIM_PAYMENTS`` (default 300; issue 11 asks 2,000+ by hand),
   ``PAYSTREAM_SIM_WORKERS`` (default 2), ``PAYSTREAM_SIM_KILLS`` (default 3),
   ``PAYSTREAM_SIM_RATE`` (authorizations per second, default 25),
-  ``PAYSTREAM_SIM_SETTLE_SECONDS`` (quiescence deadline, default 180).
+  ``PAYSTREAM_SIM_SETTLE_SECONDS`` (quiescence deadline, default 180),
+  ``PAYSTREAM_SIM_STUCK_SECONDS`` (after the heal, stop waiting once no event was written
+  for this long, default 40: every lookup and retry tier is shorter).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ WORKERS = int(os.environ.get("PAYSTREAM_SIM_WORKERS", "2"))
 KILLS = int(os.environ.get("PAYSTREAM_SIM_KILLS", "3"))
 RATE = float(os.environ.get("PAYSTREAM_SIM_RATE", "25"))
 SETTLE_SECONDS = float(os.environ.get("PAYSTREAM_SIM_SETTLE_SECONDS", "180"))
+STUCK_SECONDS = float(os.environ.get("PAYSTREAM_SIM_STUCK_SECONDS", "40"))
 RETENTION_SECONDS = 4  # idempotency_retention_seconds in the simulated deployment
 # Every violation of a seed, as JSON (pytest's own temp folders rotate away).
 REPORT_DIR = Path(os.environ.get("PAYSTREAM_SIM_REPORT_DIR",
@@ -916,7 +919,8 @@ async def webhooks_drained(live: Settings) -> bool:
 
 
 async def wait_quiescent(conn: asyncpg.Connection, plan: Plan, load: Load, live: Settings,
-                         within: float, log: list[str], stuck_after: float = 40.0) -> None:
+                         within: float, log: list[str],
+                         stuck_after: float = STUCK_SECONDS) -> None:
     """Until every payment is final and every command answered, webhooks are delivered and
     the event log stopped growing. Gives up when nothing moved for ``stuck_after`` seconds
     (lookup and retry tiers are all shorter: what is left is stuck) or at ``within``; the
