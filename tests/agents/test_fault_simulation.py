@@ -305,6 +305,10 @@ def sim_settings(pg_dsn: str, data_dir: Path) -> Settings:
         idempotency_retention_seconds=RETENTION_SECONDS,
         webhook_retry_schedule_seconds=[0.2, 0.5, 1.0, 2.0],
         webhook_dispatch_interval_seconds=0.2,
+        # Settings that only exist once issue 11's fixes land (ignored before): the stuck
+        # payment sweep and the fee table refresh, as short as the session stack's.
+        **{"stuck_after_seconds": 5.0, "stuck_sweep_interval_seconds": 1.0,
+           "fee_refresh_seconds": 1.0},
         app_id=f"paystream-sim-{uuid.uuid4().hex[:6]}",
     )
 
@@ -483,7 +487,9 @@ class Load:
     def __init__(self, stack: EmbeddedStack, plan: Plan) -> None:
         bootstrap = stack.concrete_settings().kafka_bootstrap_servers
         self.clients = {
-            False: PaymentsClient(bootstrap),  # librdkafka default: consistent_random
+            # librdkafka's own default, as a checkout using confluent-kafka/librdkafka
+            # directly would publish (PaymentsClient itself may default to murmur2).
+            False: PaymentsClient(bootstrap, partitioner="consistent_random"),
             True: PaymentsClient(bootstrap, partitioner="murmur2_random"),  # Java placement
         }
         self.plan = plan
