@@ -1,9 +1,15 @@
-"""The embedded development stack: broker, PostgreSQL, Redis, PSP sandbox and worker.
+"""The embedded development stack: broker, PostgreSQL, Redis, PSP sandbox and workers.
 
 Each service is started only when its setting says ``embedded`` (or, for the PSP sandbox,
 when ``PAYSTREAM_PSP_SANDBOX_EMBEDDED`` is true); a setting pointing at a real service is
 used as it is. Children are stopped in reverse order: SIGTERM, then SIGKILL after a grace
 period (a Faust worker has been seen to ignore SIGTERM for minutes).
+
+Several workers may run in one consumer group (``start_worker(index=n)``): worker 0 uses
+the settings as they are (``web_port``, ``data_dir``, ``worker.log``); worker ``n > 0``
+gets its own free web port, the data folder ``data_dir/worker<n>`` and ``worker<n>.log``.
+The PSP sandboxes post their webhooks to worker 0's port unless told otherwise
+(``POST /sandbox/webhooks/config``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
 
@@ -72,7 +79,8 @@ class EmbeddedStack:
         self._procs: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
         self._pg_server: Any = None
         self._redis: Any = None
-        self.worker: subprocess.Popen[bytes] | None = None
+        self._workers: dict[int, subprocess.Popen[bytes]] = {}
+        self._worker_ports: dict[int, int] = {0: settings.web_port}
 
     # -------------------------------------------------------------- lifecycle
     def start(self, with_worker: bool = True, log: Callable[[str], None] = print) -> dict[str, str]:
@@ -240,30 +248,78 @@ class EmbeddedStack:
         made = sum(1 for v in created.values() if v == "created")
         log(f"topics: {made} created, {len(created) - made} already there")
 
-    def start_worker(self, log: Callable[[str], None] = print, wait: bool = True) -> None:
-        s = self.settings
-        self.worker = self._spawn(
-            "worker", [sys.executable, "-m", "ops.cli", "worker"], env=self.child_env()
+    @property
+    def worker(self) -> subprocess.Popen[bytes] | None:
+        """Worker 0 (the single-worker API: ``paystream dev``/``demo`` and most tests)."""
+        return self._workers.get(0)
+
+    @property
+    def workers(self) -> list[int]:
+        """Indexes of the workers started and still running."""
+        return sorted(i for i, proc in self._workers.items() if proc.poll() is None)
+
+    def worker_port(self, index: int = 0) -> int:
+        """The web port of worker ``index`` (allocated on first use, kept across restarts)."""
+        if index not in self._worker_ports:
+            self._worker_ports[index] = free_port()
+        return self._worker_ports[index]
+
+    def worker_url(self, index: int = 0) -> str:
+        return f"http://{self.settings.web_host}:{self.worker_port(index)}"
+
+    def worker_log(self, index: int = 0) -> Path:
+        return self.data_dir / f"{self._worker_name(index)}.log"
+
+    @staticmethod
+    def _worker_name(index: int) -> str:
+        return "worker" if index == 0 else f"worker{index}"
+
+    def _worker_env(self, index: int) -> dict[str, str]:
+        env = self.child_env()
+        if index != 0:
+            data_dir = self.data_dir / f"worker{index}"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            env["PAYSTREAM_WEB_PORT"] = str(self.worker_port(index))
+            env["PAYSTREAM_DATA_DIR"] = str(data_dir)
+        return env
+
+    def start_worker(
+        self, log: Callable[[str], None] = print, wait: bool = True, index: int = 0
+    ) -> None:
+        """Start worker ``index`` (0 by default) in the consumer group; with ``wait``, until
+        its ``/readyz`` answers."""
+        running = self._workers.get(index)
+        if running is not None and running.poll() is None:
+            raise StackError(f"worker {index} is already running (pid {running.pid})")
+        name = self._worker_name(index)
+        proc: subprocess.Popen[bytes] = self._spawn(
+            name, [sys.executable, "-m", "ops.cli", "worker"], env=self._worker_env(index)
         )
+        self._workers[index] = proc
         if wait:
-            ready = f"http://{s.web_host}:{s.web_port}/readyz"
+            self.wait_worker_ready(index)
+            log(f"{name}: ready (status view on {self.worker_url(index)})")
 
-            def is_ready() -> bool:
-                if self.worker is not None and self.worker.poll() is not None:
-                    raise StackError(
-                        f"worker exited with {self.worker.returncode}; see "
-                        f"{self.data_dir / 'worker.log'}"
-                    )
-                return http_ok(ready)
+    def wait_worker_ready(self, index: int = 0, timeout: float = 90) -> None:
+        proc = self._workers[index]
+        ready = f"{self.worker_url(index)}/readyz"
 
-            wait_until(is_ready, 90, "the worker to join its consumer group", interval=0.25)
-            log(f"worker: ready (status view on http://{s.web_host}:{s.web_port})")
+        def is_ready() -> bool:
+            if proc.poll() is not None:
+                raise StackError(
+                    f"worker {index} exited with {proc.returncode}; see {self.worker_log(index)}"
+                )
+            return http_ok(ready)
 
-    def kill_worker(self) -> None:
-        """SIGKILL the worker (crash tests)."""
-        if self.worker is not None:
-            self.worker.kill()
-            self.worker.wait()
+        wait_until(is_ready, timeout, f"worker {index} to join its consumer group", interval=0.25)
+
+    def kill_worker(self, index: int = 0) -> None:
+        """SIGKILL worker ``index`` (crash tests): no shutdown, no commit, no flush."""
+        proc = self._workers.get(index)
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
     def stop(self, log: Callable[[str], None] = print) -> None:
         for name, proc, log_file in reversed(self._procs):
@@ -279,6 +335,7 @@ class EmbeddedStack:
                     proc.wait()
             log_file.close()
         self._procs.clear()
+        self._workers.clear()
         if self._redis is not None:
             with contextlib.suppress(Exception):
                 self._redis.shutdown()

@@ -17,7 +17,6 @@ Afterwards:
 from __future__ import annotations
 
 import json
-import os
 import random
 import uuid
 from collections import Counter, defaultdict
@@ -37,15 +36,10 @@ from tests.conftest import async_wait_for
 
 pytestmark = [
     pytest.mark.stack,
-    # Opt-in (1-2 minutes): PAYSTREAM_CRASH_TEST=1. It used to fail in about one run in
-    # five: Faust's table recovery stops at the high watermark, which Tansu reports as the
-    # last record batch's BASE offset + 1, so the tail of a multi-record last changelog
-    # batch was never restored. The changelog is now written one record per batch
-    # (topics/publisher.py); keep running it before enabling it in CI.
-    pytest.mark.skipif(
-        os.environ.get("PAYSTREAM_CRASH_TEST") != "1",
-        reason="opt-in: set PAYSTREAM_CRASH_TEST=1 (takes 1-2 minutes)",
-    ),
+    # Runs in CI (1-2 minutes). It used to fail in about one run in five: Faust's table
+    # recovery stops at the high watermark, which Tansu reports as the last record batch's
+    # BASE offset + 1, so the tail of a multi-record last changelog batch was never
+    # restored. The changelog is now written one record per batch (topics/publisher.py).
 ]
 
 TERMINAL = ("payment.captured", "payment.declined", "payment.failed", "payment.canceled")
