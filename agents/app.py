@@ -471,6 +471,10 @@ def create_app(settings: Settings) -> faust.App:
                             # runs it (a redelivered or repeated copy would race the retry
                             # chain and could give the payment a second outcome).
                             if work.origin is None or work.attempt < working.retrying[idem]:
+                                log.info("%s %s: copy skipped, retry %d of it is parked "
+                                         "(this copy: %s)", item.command.payment_id, idem,
+                                         working.retrying[idem],
+                                         work.attempt if work.origin else "original")
                                 continue
                             # A "created" state carries the attempt counter: the retry
                             # is a fresh attempt (finding 8 of issue 11).
@@ -583,6 +587,8 @@ def create_app(settings: Settings) -> faust.App:
                 first_failure_at=origin.first_failure_at if origin else now,
             )
             park(publisher, attempt, command.payment_id, message.model_dump_json(), "command")
+            log.info("%s %s: retry %d parked (%s)", command.payment_id,
+                     command.idempotency_key, attempt, retry.reason[:200])
             base.retrying[command.idempotency_key] = attempt
             return base, []
         # Retries exhausted: the command's one outcome is a failure; the original command
@@ -854,7 +860,7 @@ def create_app(settings: Settings) -> faust.App:
         cutoff = datetime.now(UTC) - timedelta(seconds=settings.stuck_after_seconds)
         stuck: list[PaymentState] = []
         for raw in list(state_table.data.values()):
-            if b'"status":"pending_verification"' not in raw:
+            if b'"pending":null' in raw:  # nothing being verified
                 continue
             try:
                 state = PaymentState.model_validate_json(raw)
@@ -885,8 +891,7 @@ def create_app(settings: Settings) -> faust.App:
     async def export_gauges() -> None:
         """Gauges for /metrics: pending verification, lag, breakers, ledger imbalance."""
         metrics.PENDING_VERIFICATION.set(
-            sum(1 for raw in list(state_table.data.values())
-                if b'"status":"pending_verification"' in raw)
+            sum(1 for raw in list(state_table.data.values()) if b'"pending":null' not in raw)
         )
         if not monitors:
             monitors.extend([
@@ -936,9 +941,10 @@ def create_app(settings: Settings) -> faust.App:
         async def write(events: list[PaymentEvent] = parsed) -> None:
             async with pool.acquire() as conn, conn.transaction():
                 posted, refused = await post_payment_events(conn, events)
-                await status.apply_events(conn, events)
+                visible = await status.without_superseded_pending(conn, events)
+                await status.apply_events(conn, visible)
                 # Merchant webhooks are enqueued in the same transaction: exactly once.
-                await enqueue_deliveries(conn, events)
+                await enqueue_deliveries(conn, visible)
             rejected[:] = refused
             metrics.LEDGER_POSTINGS.labels("payment").inc(posted)
 

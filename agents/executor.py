@@ -305,15 +305,24 @@ class Executor:
         self, state: PaymentState, envelope: CommandEnvelope, operation: str, amount: int,
         request: BaseModel, result: PspResult, refund_id: str | None = None,
     ) -> PaymentEvent:
-        """The outcome is unknown: the payment waits in ``pending_verification`` until the
-        PSP states it (the resolver re-sends ``request`` under the same attempt id)."""
+        """The outcome is unknown: the attempt waits until the PSP states it (the resolver
+        re-sends ``request`` under the same attempt id).
+
+        The payment's status becomes ``pending_verification``, except for a refund: the
+        payment stays ``captured`` / ``partially_refunded`` (its capture is not in doubt,
+        as with a Stripe refund that is pending) and the event says which refund is being
+        verified; its amount counts as spent until then.
+        """
         state.pending = pending_attempt(
             state, envelope, operation, amount,
             request=request.model_dump_json(), refund_id=refund_id,
             attempt=str(getattr(request, "attempt_id", "")),
         )
+        status: PaymentStatus = (
+            state_status(state) if operation == "refund" else "pending_verification"
+        )
         return self.event(
-            state, envelope, "payment.pending_verification", "pending_verification",
+            state, envelope, "payment.pending_verification", status,
             reason=f"{operation} outcome unknown ({result.message or result.outcome}); "
             "verifying", refund_id=refund_id,
         )
@@ -358,6 +367,12 @@ class Executor:
 
     async def refund(self, state: PaymentState, command: RefundPayment) -> PaymentEvent | None:
         """Refund part or all of the captured amount; None while the PSP says pending."""
+        if state.pending is not None:
+            return rejection(
+                state, command,
+                f"state_violation: an earlier {state.pending.operation} of this payment is "
+                "being verified with the PSP; retry once it is settled",
+            )
         if command.refund_id in state.refunds or command.refund_id in state.pending_refunds:
             return rejection(
                 state, command,
@@ -546,11 +561,7 @@ class Executor:
         nothing else), applied exactly as if the original call had returned it.
         """
         pending = state.pending
-        if (
-            state.status != "pending_verification"
-            or pending is None
-            or pending.attempt_id != answer.attempt_id
-        ):
+        if pending is None or pending.attempt_id != answer.attempt_id:
             return None  # already resolved, or an answer about another attempt
         result = PspResult.model_validate_json(answer.result)
         if not is_positive_answer(pending.operation, result):

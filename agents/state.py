@@ -112,8 +112,11 @@ class PaymentState(BaseModel):
 
     @property
     def refundable(self) -> int:
-        """What may still be refunded (pending refunds count as spent)."""
+        """What may still be refunded (pending refunds, and a refund being verified, count
+        as spent)."""
         pending = sum(r.amount for r in self.pending_refunds.values())
+        if self.pending is not None and self.pending.operation == "refund":
+            pending += self.pending.amount
         return self.amount_captured - self.amount_refunded - pending
 
 

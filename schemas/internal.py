@@ -14,9 +14,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
-from schemas.pan import scrub_pans
+from schemas.pan import scrub_standalone_pans
 
-ScrubbedText = Annotated[str, AfterValidator(scrub_pans)]
+ScrubbedText = Annotated[str, AfterValidator(scrub_standalone_pans)]
 """Text copied from a record into another topic: card-number-like digit runs replaced."""
 
 PendingOperation = Literal["authorize", "capture", "void", "refund"]

@@ -132,3 +132,43 @@ async def stuck_payments(
             "psp": event.get("psp"), "reason": event.get("reason"),
         })
     return out
+
+
+async def without_superseded_pending(
+    conn: Any, events: Sequence[PaymentEvent]
+) -> list[PaymentEvent]:
+    """``events`` less the ``payment.pending_verification`` events their command already
+    has an outcome for (an event of the same payment and idempotency key, not pending,
+    at the same or a later sequence).
+
+    That happens when a worker dies after publishing a command's outcome but before
+    saving the payment's state: the redelivered command runs again, the PSP's replay is
+    lost or times out, and a "pending" event follows the outcome already sent. Its
+    resolution gets the outcome's own event id, so the event log and the webhook outbox
+    would keep the stray "pending" as the command's last word. The status row is
+    protected by its sequence rule; this keeps the log and the merchant's webhooks right.
+    """
+    pending = [e for e in events if e.type == "payment.pending_verification"]
+    if not pending:
+        return list(events)
+    rows = await conn.fetch(
+        """
+        SELECT payment_id, event->>'idempotency_key' AS idempotency_key,
+               max(sequence) AS sequence
+          FROM payment_events
+         WHERE payment_id = ANY($1::text[])
+           AND type NOT IN ('payment.pending_verification', 'payment.rejected')
+         GROUP BY 1, 2
+        """,
+        sorted({e.payment_id for e in pending}),
+    )
+    settled = {(r["payment_id"], r["idempotency_key"]): int(r["sequence"]) for r in rows}
+    for event in events:  # outcomes earlier in this very batch count too
+        if event.type not in ("payment.pending_verification", "payment.rejected"):
+            key = (event.payment_id, event.idempotency_key)
+            settled[key] = max(settled.get(key, -1), event.sequence)
+    return [
+        e for e in events
+        if e.type != "payment.pending_verification"
+        or settled.get((e.payment_id, e.idempotency_key), -1) < e.sequence
+    ]
