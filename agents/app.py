@@ -18,37 +18,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import faust
-import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agents.dead_letters import dead_letter, dead_letter_unexpected
 from agents.events import build_event, rejection
 from agents.executor import Executor, RetryLater, is_positive_answer
 from agents.fees import FeeSchedule
 from agents.fencing import PartitionFence
 from agents.forwarding import forward_if_misplaced
-from agents.idempotency import MerchantIdempotencyKeys
 from agents.intake import Accepted, DeadLetter, Rejected, parse_command
 from agents.monitors import BreakerStateMonitor, LagMonitor, LedgerImbalanceMonitor
 from agents.processor import CommandProcessor
 from agents.psp_ingress import PspWebhookIngress
 from agents.resolver import ask_psp
+from agents.resources import Resources
+from agents.runtime import fail_stop, faust_credentials, with_infra_retries
 from agents.state import IdempotencyRecord, PaymentState
 from config.settings import Settings
 from observability import metrics
 from psp.protocol import PspNotification
-from psp.registry import GuardSettings, build_router
-from psp.routing import Router, default_routing_table
-from psp.sandbox_adapter import SandboxAdapter
 from schemas.dlq import DlqEnvelope, scrub_payload
 from schemas.events import PaymentEvent
 from schemas.internal import (
@@ -63,63 +60,12 @@ from schemas.internal import (
 from schemas.signatures import PSP_SIGNATURE_HEADER as SIGNATURE_HEADER
 from sinks import ledger, status
 from sinks.ledger_events import check_postable, post_payment_events
-from sinks.migrations import migrate
 from sinks.webhook_dispatcher import WebhookDispatcher, kafka_dead_letter
 from sinks.webhook_outbox import enqueue_deliveries
 from topics import catalog as cat
-from topics.publisher import EventPublisher, RecordsLost
+from topics.publisher import EventPublisher
 
 log = logging.getLogger("paystream.agents")
-
-INFRA_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
-
-
-def fail_stop(reason: str) -> None:
-    """Stop the worker at once without acking the current batch (it will be redelivered)."""
-    log.critical("fail-stop: %s; exiting without acknowledging the batch", reason)
-    logging.shutdown()
-    os._exit(70)
-
-
-async def with_infra_retries(what: str, action: Callable[[], Awaitable[None]]) -> None:
-    """Run ``action``; retry on errors with backoff; fail-stop when they persist."""
-    for delay in (*INFRA_RETRY_DELAYS, None):
-        try:
-            await action()
-            return
-        except RecordsLost as exc:  # retrying would ack a batch whose outputs are gone
-            fail_stop(f"{what}: {exc}")
-        except Exception as exc:  # noqa: BLE001 - any infrastructure error is retried
-            if delay is None:
-                fail_stop(f"{what} failed after retries: {type(exc).__name__}: {exc}")
-            log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(exc).__name__, exc,
-                        delay)
-            await asyncio.sleep(delay or 0)
-
-
-def dead_letter_headers(
-    event: Any, stage: str, reason: str, error_type: str, message: str, group: str
-) -> list[tuple[str, bytes]]:
-    now = datetime.now(UTC)
-    msg = event.message
-    timestamp = (
-        datetime.fromtimestamp(msg.timestamp, UTC) if getattr(msg, "timestamp", None) else None
-    )
-    envelope = DlqEnvelope(
-        stage=stage,
-        reason=reason,
-        error_type=error_type,
-        error_message=message,
-        original_topic=msg.topic,
-        original_partition=msg.partition,
-        original_offset=msg.offset,
-        original_timestamp=timestamp,
-        consumer_group=group,
-        first_failure_at=now,
-        last_failure_at=now,
-    )
-    return envelope.to_headers()
-
 
 WorkItem = Accepted | ResolvePayment | ExpireAuthorization | PspNotification
 
@@ -133,110 +79,6 @@ class Work:
     attempt: int = 0
     """Retries already made (commands and notifications back from a retry tier)."""
     origin: RetryCommand | None = None
-
-
-class Resources:
-    """Connections an agent needs, created when the worker starts."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.pool: asyncpg.Pool | None = None
-        self.redis: aioredis.Redis | None = None
-        self.router: Router | None = None
-        self.merchant_keys: MerchantIdempotencyKeys | None = None
-
-    def redis_client(self) -> aioredis.Redis:
-        if self.redis is None:
-            # Hundreds of payments run concurrently: wait for a free connection rather
-            # than fail (the default pool raises MaxConnectionsError when exhausted).
-            self.redis = aioredis.Redis(
-                connection_pool=aioredis.BlockingConnectionPool.from_url(
-                    self.settings.redis_url, max_connections=64, timeout=10
-                )
-            )
-        return self.redis
-
-    async def idempotency_keys(self) -> MerchantIdempotencyKeys:
-        if self.merchant_keys is None:
-            self.merchant_keys = MerchantIdempotencyKeys(
-                self.redis_client(),
-                await self.db(),
-                key_prefix=self.settings.app_id,
-                ttl_seconds=self.settings.idempotency_retention_seconds,
-            )
-        return self.merchant_keys
-
-    async def db(self) -> asyncpg.Pool:
-        if self.pool is None:
-            self.pool = await asyncpg.create_pool(self.settings.pg_dsn, min_size=1, max_size=8)
-            async with self.pool.acquire() as conn:
-                await migrate(conn)
-        return self.pool
-
-    def psps(self) -> Router:
-        """The PSP router: one adapter per configured PSP, breakers and limits in Redis."""
-        if self.router is None:
-            s = self.settings
-            adapters = [
-                SandboxAdapter(
-                    name=psp.name,
-                    base_url=psp.url,
-                    api_key=psp.api_key,
-                    timeout=s.psp_timeout_seconds,
-                    connection_limit=s.psp_max_in_flight,
-                    webhook_secrets=(psp.webhook_secret,),
-                )
-                for psp in s.psp_endpoints()
-            ]
-            self.router = build_router(
-                self.redis_client(),
-                adapters,
-                default_routing_table(),
-                GuardSettings(
-                    failure_threshold=s.psp_breaker_failures,
-                    open_seconds=s.psp_breaker_open_seconds,
-                    max_in_flight=s.psp_max_in_flight,
-                    # A SIGKILLed worker's slots come back when their leases lapse: just
-                    # longer than any call can take (the PSP timeout), no more.
-                    lease_seconds=2 * s.psp_timeout_seconds + 1,
-                    slot_timeout=s.psp_slot_wait_seconds,
-                    key_prefix=s.app_id,
-                ),
-            )
-        return self.router
-
-    async def close(self) -> None:
-        if self.router is not None:
-            await self.router.close()
-            self.router = None
-        if self.redis is not None:
-            await self.redis.aclose()
-            self.redis = None
-            self.merchant_keys = None
-        if self.pool is not None:
-            await self.pool.close()
-            self.pool = None
-
-
-def faust_credentials(settings: Settings) -> Any:
-    """SASL and/or TLS credentials for Faust's Kafka clients, from the same settings."""
-    import ssl
-
-    protocol = settings.kafka_security_protocol.upper()
-    context = None
-    if protocol in {"SSL", "SASL_SSL"}:
-        context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
-    if protocol.startswith("SASL"):
-        password = settings.kafka_sasl_password
-        return faust.SASLCredentials(
-            username=settings.kafka_sasl_username,
-            password=password.get_secret_value() if password else None,
-            mechanism=settings.kafka_sasl_mechanism or "PLAIN",
-            ssl_context=context,
-        )
-    if context is not None:
-        return faust.SSLCredentials(context)
-    return None
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -417,7 +259,7 @@ def create_app(settings: Settings) -> faust.App:
                 if isinstance(verdict, DeadLetter):
                     metrics.COMMANDS.labels("unknown", "dlq").inc()
                     dead_letter(publisher, event, "intake", verdict.reason, verdict.error_type,
-                                verdict.message)
+                                verdict.message, group)
                 elif isinstance(verdict, Rejected):
                     reply = rejection(None, verdict.envelope, verdict.reason)
                     metrics.COMMANDS.labels(verdict.envelope.type, reply.type).inc()
@@ -425,7 +267,7 @@ def create_app(settings: Settings) -> faust.App:
                 else:
                     add(event, verdict.command.payment_id, verdict)
             except Exception as exc:  # noqa: BLE001 - never let one record ack silently
-                dead_letter_unexpected(publisher, event, "intake", exc)
+                dead_letter_unexpected(publisher, event, "intake", exc, group)
 
         await check_merchant_keys(per_payment, publisher)
         changes: dict[bytes, tuple[int, bytes]] = {}
@@ -437,7 +279,7 @@ def create_app(settings: Settings) -> faust.App:
                 state = PaymentState.model_validate_json(raw_state) if raw_state else None
             except Exception as exc:  # noqa: BLE001 - unreadable state: park its commands
                 for work in items:
-                    dead_letter_unexpected(publisher, work.event, "state", exc)
+                    dead_letter_unexpected(publisher, work.event, "state", exc, group)
                 return
             for work in items:
                 event, item = work.event, work.item
@@ -449,7 +291,7 @@ def create_app(settings: Settings) -> faust.App:
                             # The PSP answered for a payment this table does not know: the
                             # state was lost. Never drop that silently; park it for replay.
                             dead_letter(publisher, event, "resolver", "unknown_payment",
-                                        "UnknownPayment", f"no state for {item.payment_id}")
+                                        "UnknownPayment", f"no state for {item.payment_id}", group)
                             continue
                         new_state, outputs = processor.resolve(working, item)
                         kind = item.type
@@ -499,7 +341,7 @@ def create_app(settings: Settings) -> faust.App:
                         changes[key] = (event.message.partition, value)
                         state = new_state
                 except Exception as exc:  # noqa: BLE001 - one payment must not stop others
-                    dead_letter_unexpected(publisher, event, "executor", exc)
+                    dead_letter_unexpected(publisher, event, "executor", exc, group)
 
         await asyncio.gather(*(run_payment(k, v) for k, v in per_payment.items()))
         return changes
@@ -677,26 +519,6 @@ def create_app(settings: Settings) -> faust.App:
     def publish_event(publisher: EventPublisher, event: PaymentEvent) -> None:
         publisher.publish(cat.EVENTS, event.payment_id.encode(), event.model_dump_json().encode())
 
-    def dead_letter(
-        publisher: EventPublisher, event: Any, stage: str, reason: str, error_type: str,
-        message: str,
-    ) -> None:
-        metrics.DLQ_RECORDS.labels(stage, reason).inc()
-        dlq = cat.COMMANDS_DLQ if event.message.topic == cat.COMMANDS else cat.EVENTS_DLQ
-        publisher.publish(
-            dlq,
-            event.key,
-            scrub_payload(event.value) if event.value is not None else None,
-            dead_letter_headers(event, stage, reason, error_type, message[:1000], group),
-        )
-
-    def dead_letter_unexpected(
-        publisher: EventPublisher, event: Any, stage: str, exc: Exception
-    ) -> None:
-        log.exception("unexpected error in %s at %s[%s]@%s", stage, event.message.topic,
-                      event.message.partition, event.message.offset)
-        dead_letter(publisher, event, stage, "unexpected_error", type(exc).__name__, str(exc))
-
     # ---------------------------------------------------------------- unknown outcomes
     def make_resolver(tier: int, topic_name: str, delay: float) -> None:
         @app.agent(raw_topic(topic_name), name=f"resolve_unknown_tier{tier + 1}")
@@ -718,7 +540,7 @@ def create_app(settings: Settings) -> faust.App:
             try:
                 requests.append((event, VerifyRequest.model_validate_json(event.value)))
             except Exception as exc:  # noqa: BLE001 - unreadable request -> DLQ
-                dead_letter_unexpected(publisher, event, "resolver", exc)
+                dead_letter_unexpected(publisher, event, "resolver", exc, group)
         if not requests:
             return
         # A tier has one delay, so its records are due in arrival order: wait for the last.
@@ -749,7 +571,8 @@ def create_app(settings: Settings) -> faust.App:
                     # (never declined or failed by us); the stuck-payment sweep asks again
                     # later, and the dead letter tells an operator.
                     dead_letter(publisher, event, "resolver", "unresolved", "Unresolved",
-                                result.message or f"PSP lookups kept failing ({result.outcome})")
+                                result.message or f"PSP lookups kept failing ({result.outcome})",
+                                group)
                     return
                 next_topic, next_delay = tiers[min(tier + 1, len(tiers) - 1)]
                 retry = request.model_copy(update={
@@ -758,7 +581,7 @@ def create_app(settings: Settings) -> faust.App:
                 })
                 publisher.publish(next_topic, event.key, retry.model_dump_json().encode())
             except Exception as exc:  # noqa: BLE001 - one lookup must not stop the others
-                dead_letter_unexpected(publisher, event, "resolver", exc)
+                dead_letter_unexpected(publisher, event, "resolver", exc, group)
 
         await asyncio.gather(*(look_up(event, request) for event, request in requests))
 
@@ -790,7 +613,7 @@ def create_app(settings: Settings) -> faust.App:
             try:
                 parked.append(Delayed.model_validate_json(event.value))
             except Exception as exc:  # noqa: BLE001 - unreadable record -> DLQ
-                dead_letter_unexpected(publisher, event, "retry", exc)
+                dead_letter_unexpected(publisher, event, "retry", exc, group)
         for item in sorted(parked, key=lambda d: d.due_at):
             wait = (item.due_at - datetime.now(UTC)).total_seconds()
             if wait > 0:
@@ -918,7 +741,7 @@ def create_app(settings: Settings) -> faust.App:
                 parsed.append(payment_event)
                 origin.setdefault(payment_event.event_id, event)
             except Exception as exc:  # noqa: BLE001 - unusable event -> DLQ, not a crash loop
-                dead_letter_unexpected(publisher, event, "sink", exc)
+                dead_letter_unexpected(publisher, event, "sink", exc, group)
 
         rejected: list[ledger.Rejection] = []
 
@@ -935,7 +758,7 @@ def create_app(settings: Settings) -> faust.App:
         for refusal in rejected:
             # The ledger refused what the state machine allowed: park it for a human.
             dead_letter(publisher, origin[refusal.event_id], "ledger", refusal.reason,
-                        "LedgerRejection", refusal.detail)
+                        "LedgerRejection", refusal.detail, group)
         await with_infra_retries("publishing dead letters", publisher.flush)
         now = datetime.now(UTC)
         for e in parsed:
