@@ -29,11 +29,12 @@ import asyncpg
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agents.context import AgentContext, raw_topic
 from agents.dead_letters import dead_letter, dead_letter_unexpected
 from agents.events import build_event, rejection
 from agents.executor import Executor, RetryLater, is_positive_answer
 from agents.fees import FeeSchedule
-from agents.fencing import PartitionFence
+from agents.fencing import FenceSignals
 from agents.forwarding import forward_if_misplaced
 from agents.intake import Accepted, DeadLetter, Rejected, parse_command
 from agents.monitors import BreakerStateMonitor, LagMonitor, LedgerImbalanceMonitor
@@ -111,16 +112,6 @@ def create_app(settings: Settings) -> faust.App:
     tiers = cat.verify_tiers(settings)
     resources = Resources(settings)
 
-    def raw_topic(name: str) -> Any:
-        return app.topic(
-            name,
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-            partitions=settings.partitions,
-        )
-
     commands_topic = app.topic(
         cat.COMMANDS,
         # Co-partitioned, keyed by payment_id: PSP lookups, retries, expiries and PSP
@@ -133,7 +124,7 @@ def create_app(settings: Settings) -> faust.App:
         value_serializer="raw",
         partitions=settings.partitions,
     )
-    events_topic = raw_topic(cat.EVENTS)
+    events_topic = raw_topic(app, settings, cat.EVENTS)
     changelog = cat.changelog_topic(settings.app_id, cat.PAYMENT_STATE_TABLE)
     state_table = app.Table(
         cat.PAYMENT_STATE_TABLE,
@@ -141,43 +132,21 @@ def create_app(settings: Settings) -> faust.App:
         key_type=bytes,
         value_type=bytes,
         partitions=settings.partitions,
-        changelog_topic=raw_topic(changelog),
+        changelog_topic=raw_topic(app, settings, changelog),
     )
 
-    # ---------------------------------------------------------------- fencing
-    fences: list[PartitionFence] = []
-
-    async def partition_fence() -> PartitionFence:
-        if not fences:
-            fences.append(PartitionFence(await resources.db(), settings.app_id))
-        return fences[0]
-
-    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
-    async def take_partition_epochs(sender: Any, assigned: Any, **_kwargs: Any) -> None:
-        """Take the next owner epoch of every command partition this worker now holds."""
-        partitions = {tp.partition for tp in assigned if tp.topic == cat.COMMANDS}
-
-        async def take() -> None:
-            await (await partition_fence()).take(partitions)
-
-        await with_infra_retries("taking partition epochs", take)
-
-    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
-    async def drop_partition_epochs(sender: Any, revoked: Any, **_kwargs: Any) -> None:
-        if fences:
-            fences[0].revoke(tp.partition for tp in revoked if tp.topic == cat.COMMANDS)
-
-    async def fenced_partitions(partitions: set[int]) -> set[int]:
-        """The partitions of ``partitions`` another worker has taken since we did."""
-        lost: set[int] = set()
-
-        async def check() -> None:
-            lost.update(await (await partition_fence()).lost(partitions))
-
-        await with_infra_retries("checking partition epochs", check)
-        if lost:
-            metrics.FENCED_STATE_WRITES.inc(len(lost))
-        return lost
+    ctx = AgentContext(
+        settings=settings,
+        app=app,
+        resources=resources,
+        fencing=FenceSignals(resources, settings.app_id),
+        state_table=state_table,
+        verify_tiers=tiers,
+        group=group,
+        changelog=changelog,
+    )
+    ctx.fencing.register(app)
+    fenced_partitions = ctx.fencing.fenced_partitions
 
     # ---------------------------------------------------------------- command processing
     @app.agent(commands_topic, name="process_commands")
@@ -521,7 +490,7 @@ def create_app(settings: Settings) -> faust.App:
 
     # ---------------------------------------------------------------- unknown outcomes
     def make_resolver(tier: int, topic_name: str, delay: float) -> None:
-        @app.agent(raw_topic(topic_name), name=f"resolve_unknown_tier{tier + 1}")
+        @app.agent(ctx.raw_topic(topic_name), name=f"resolve_unknown_tier{tier + 1}")
         async def resolve_unknown(stream: Any) -> AsyncIterator[None]:
             publisher = EventPublisher(settings)
             async for batch in stream.take_events(settings.batch_max, within=settings.batch_within):
@@ -590,7 +559,7 @@ def create_app(settings: Settings) -> faust.App:
 
     # ---------------------------------------------------------------- retry tiers
     def make_retry_tier(topic_name: str, cap: float) -> None:
-        @app.agent(raw_topic(topic_name), name=f"retry_{topic_name.rsplit('.', 1)[-1]}")
+        @app.agent(ctx.raw_topic(topic_name), name=f"retry_{topic_name.rsplit('.', 1)[-1]}")
         async def release_when_due(stream: Any) -> AsyncIterator[None]:
             publisher = EventPublisher(settings)
             async for batch in stream.take_events(settings.batch_max, within=settings.batch_within):
