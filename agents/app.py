@@ -29,6 +29,7 @@ import asyncpg
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agents.commit import BatchCommit
 from agents.context import AgentContext, raw_topic
 from agents.dead_letters import dead_letter, dead_letter_unexpected
 from agents.events import build_event, rejection
@@ -146,13 +147,12 @@ def create_app(settings: Settings) -> faust.App:
         changelog=changelog,
     )
     ctx.fencing.register(app)
-    fenced_partitions = ctx.fencing.fenced_partitions
 
     # ---------------------------------------------------------------- command processing
     @app.agent(commands_topic, name="process_commands")
     async def process_commands(stream: Any) -> AsyncIterator[None]:
         publisher = EventPublisher(settings)
-        state_writer = EventPublisher(settings, single_record_batches=True)
+        committer = BatchCommit(settings, publisher, ctx.fencing, state_table, changelog)
         fees = FeeSchedule(settings.fee_bps, settings.fee_fixed_minor)
         processor = CommandProcessor(
             Executor(resources.psps(), settings.fee_bps, settings.fee_fixed_minor, fees)
@@ -174,19 +174,9 @@ def create_app(settings: Settings) -> faust.App:
                     changes = await process_command_batch(batch, publisher, processor)
                 except Exception as exc:  # noqa: BLE001 - never let Faust ack this batch
                     fail_stop(f"unexpected error in process_commands: {exc!r}")
-                await with_infra_retries("publishing events", publisher.flush)
-                # State goes to the changelog only once the batch's events are durable, and
-                # through our producer, flushed before the batch is acked: Faust's own
-                # producer "flush" returns after 0.1 s without progress while records are
-                # still buffered, so Faust can commit offsets past state it never wrote.
-                # And only for partitions this worker still owns (agents/fencing.py).
-                lost = await fenced_partitions({p for p, _value in changes.values()})
-                for key, (partition, value) in changes.items():
-                    if partition in lost:
-                        state_table.data.pop(key, None)  # the new owner's state wins
-                        continue
-                    state_writer.publish(changelog, key, value, partition=partition)
-                await with_infra_retries("writing the state changelog", state_writer.flush)
+                # Flush outputs, fence, write and flush the state changelog; Faust acks
+                # the batch when this loop asks for the next one (agents/commit.py).
+                await committer.commit(changes)
         finally:
             await resources.close()
         yield None  # pragma: no cover - makes this an async generator for Faust's typing
