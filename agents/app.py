@@ -29,11 +29,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from agents.command_agent import CommandAgent
 from agents.context import AgentContext, raw_topic
 from agents.dead_letters import dead_letter, dead_letter_unexpected
-from agents.executor import is_positive_answer
 from agents.fencing import FenceSignals
 from agents.monitors import BreakerStateMonitor, LagMonitor, LedgerImbalanceMonitor
 from agents.psp_ingress import PspWebhookIngress
-from agents.resolver import ask_psp
+from agents.resolver_agent import ResolverTiers
 from agents.resources import Resources
 from agents.runtime import fail_stop, faust_credentials, with_infra_retries
 from agents.state import PaymentState
@@ -43,8 +42,6 @@ from schemas.events import PaymentEvent
 from schemas.internal import (
     Delayed,
     ExpireAuthorization,
-    ResolvePayment,
-    VerifyRequest,
 )
 from schemas.signatures import PSP_SIGNATURE_HEADER as SIGNATURE_HEADER
 from sinks import ledger, status
@@ -127,73 +124,7 @@ def create_app(settings: Settings) -> faust.App:
     request_verification = commands.request_verification
 
     # ---------------------------------------------------------------- unknown outcomes
-    def make_resolver(tier: int, topic_name: str, delay: float) -> None:
-        @app.agent(ctx.raw_topic(topic_name), name=f"resolve_unknown_tier{tier + 1}")
-        async def resolve_unknown(stream: Any) -> AsyncIterator[None]:
-            publisher = EventPublisher(settings)
-            async for batch in stream.take_events(settings.batch_max, within=settings.batch_within):
-                try:
-                    await resolve_batch(tier, delay, batch, publisher)
-                except Exception as exc:  # noqa: BLE001 - never let Faust ack this batch
-                    fail_stop(f"unexpected error in resolver {topic_name}: {exc!r}")
-                await with_infra_retries("publishing lookups", publisher.flush)
-            yield None  # pragma: no cover
-
-    async def resolve_batch(
-        tier: int, delay: float, batch: Sequence[Any], publisher: EventPublisher
-    ) -> None:
-        requests: list[tuple[Any, VerifyRequest]] = []
-        for event in batch:
-            try:
-                requests.append((event, VerifyRequest.model_validate_json(event.value)))
-            except Exception as exc:  # noqa: BLE001 - unreadable request -> DLQ
-                dead_letter_unexpected(publisher, event, "resolver", exc, group)
-        if not requests:
-            return
-        # A tier has one delay, so its records are due in arrival order: wait for the last.
-        wait = (max(r.due_at for _, r in requests) - datetime.now(UTC)).total_seconds()
-        if wait > 0:
-            await asyncio.sleep(min(wait, delay))
-        router = resources.psps()
-
-        async def look_up(event: Any, request: VerifyRequest) -> None:
-            try:
-                result = await ask_psp(router.adapter(request.psp), request)
-                lookups = request.lookups + 1
-                metrics.VERIFY_LOOKUPS.labels(request.psp, result.outcome).inc()
-                if is_positive_answer(request.operation, result):
-                    answer = ResolvePayment(
-                        payment_id=request.payment_id, attempt_id=request.attempt_id,
-                        operation=request.operation, psp=request.psp,
-                        result=result.model_dump_json(),
-                        source="resend" if request.request is not None else "lookup",
-                    )
-                    publisher.publish(cat.INTERNAL, request.payment_id.encode(),
-                                      answer.model_dump_json().encode())
-                    return
-                if request.sweep:
-                    return  # the next stuck-payment sweep asks again
-                if lookups >= settings.verify_max_lookups:
-                    # No answer from the PSP after every tier: the payment stays pending
-                    # (never declined or failed by us); the stuck-payment sweep asks again
-                    # later, and the dead letter tells an operator.
-                    dead_letter(publisher, event, "resolver", "unresolved", "Unresolved",
-                                result.message or f"PSP lookups kept failing ({result.outcome})",
-                                group)
-                    return
-                next_topic, next_delay = tiers[min(tier + 1, len(tiers) - 1)]
-                retry = request.model_copy(update={
-                    "lookups": lookups,
-                    "due_at": datetime.now(UTC) + timedelta(seconds=next_delay),
-                })
-                publisher.publish(next_topic, event.key, retry.model_dump_json().encode())
-            except Exception as exc:  # noqa: BLE001 - one lookup must not stop the others
-                dead_letter_unexpected(publisher, event, "resolver", exc, group)
-
-        await asyncio.gather(*(look_up(event, request) for event, request in requests))
-
-    for tier_index, (tier_topic, tier_delay) in enumerate(tiers):
-        make_resolver(tier_index, tier_topic, tier_delay)
+    ResolverTiers(ctx).register()
 
     # ---------------------------------------------------------------- retry tiers
     def make_retry_tier(topic_name: str, cap: float) -> None:
