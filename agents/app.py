@@ -34,13 +34,13 @@ from agents.monitors import BreakerStateMonitor, LagMonitor, LedgerImbalanceMoni
 from agents.psp_ingress import PspWebhookIngress
 from agents.resolver_agent import ResolverTiers
 from agents.resources import Resources
+from agents.retry_agent import RetryTiers
 from agents.runtime import fail_stop, faust_credentials, with_infra_retries
 from agents.state import PaymentState
 from config.settings import Settings
 from observability import metrics
 from schemas.events import PaymentEvent
 from schemas.internal import (
-    Delayed,
     ExpireAuthorization,
 )
 from schemas.signatures import PSP_SIGNATURE_HEADER as SIGNATURE_HEADER
@@ -127,39 +127,7 @@ def create_app(settings: Settings) -> faust.App:
     ResolverTiers(ctx).register()
 
     # ---------------------------------------------------------------- retry tiers
-    def make_retry_tier(topic_name: str, cap: float) -> None:
-        @app.agent(ctx.raw_topic(topic_name), name=f"retry_{topic_name.rsplit('.', 1)[-1]}")
-        async def release_when_due(stream: Any) -> AsyncIterator[None]:
-            publisher = EventPublisher(settings)
-            async for batch in stream.take_events(settings.batch_max, within=settings.batch_within):
-                try:
-                    await release_batch(cap, batch, publisher)
-                except Exception as exc:  # noqa: BLE001 - never let Faust ack this batch
-                    fail_stop(f"unexpected error in retry tier {topic_name}: {exc!r}")
-                await with_infra_retries("releasing retries", publisher.flush)
-            yield None  # pragma: no cover
-
-    async def release_batch(cap: float, batch: Sequence[Any], publisher: EventPublisher) -> None:
-        """Hold the batch until each record is due, then send it back to its target.
-
-        A tier has one maximum delay and records arrive in the order they were parked, so
-        waiting here delays nothing that is due sooner by more than the tier's delay; other
-        payments' records on the source partitions never wait behind a retry.
-        """
-        parked: list[Delayed] = []
-        for event in batch:
-            try:
-                parked.append(Delayed.model_validate_json(event.value))
-            except Exception as exc:  # noqa: BLE001 - unreadable record -> DLQ
-                dead_letter_unexpected(publisher, event, "retry", exc, group)
-        for item in sorted(parked, key=lambda d: d.due_at):
-            wait = (item.due_at - datetime.now(UTC)).total_seconds()
-            if wait > 0:
-                await asyncio.sleep(min(wait, cap))
-            publisher.publish(item.target_topic, item.key.encode(), item.value.encode())
-
-    for retry_topic, retry_cap in cat.retry_tiers(settings):
-        make_retry_tier(retry_topic, retry_cap)
+    RetryTiers(ctx).register()
 
     # ---------------------------------------------------------------- expiry sweep
     @app.timer(settings.expiry_sweep_interval_seconds)  # type: ignore[untyped-decorator]
