@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -30,19 +30,15 @@ from agents.command_agent import CommandAgent
 from agents.context import AgentContext, raw_topic
 from agents.dead_letters import dead_letter, dead_letter_unexpected
 from agents.fencing import FenceSignals
-from agents.monitors import BreakerStateMonitor, LagMonitor, LedgerImbalanceMonitor
 from agents.psp_ingress import PspWebhookIngress
 from agents.resolver_agent import ResolverTiers
 from agents.resources import Resources
 from agents.retry_agent import RetryTiers
 from agents.runtime import fail_stop, faust_credentials, with_infra_retries
-from agents.state import PaymentState
+from agents.timers import Timers
 from config.settings import Settings
 from observability import metrics
 from schemas.events import PaymentEvent
-from schemas.internal import (
-    ExpireAuthorization,
-)
 from schemas.signatures import PSP_SIGNATURE_HEADER as SIGNATURE_HEADER
 from sinks import ledger, status
 from sinks.ledger_events import check_postable, post_payment_events
@@ -121,7 +117,6 @@ def create_app(settings: Settings) -> faust.App:
     # ---------------------------------------------------------------- command processing
     commands = CommandAgent(ctx)
     commands.register(commands_topic)
-    request_verification = commands.request_verification
 
     # ---------------------------------------------------------------- unknown outcomes
     ResolverTiers(ctx).register()
@@ -129,98 +124,8 @@ def create_app(settings: Settings) -> faust.App:
     # ---------------------------------------------------------------- retry tiers
     RetryTiers(ctx).register()
 
-    # ---------------------------------------------------------------- expiry sweep
-    @app.timer(settings.expiry_sweep_interval_seconds)  # type: ignore[untyped-decorator]
-    async def sweep_expired_authorizations() -> None:
-        """Ask the payment's writer to void authorizations older than their validity.
-
-        Every worker scans the states it holds; the writer re-checks, so a standby's or a
-        second worker's request is a no-op.
-        """
-        cutoff = datetime.now(UTC) - timedelta(seconds=settings.authorization_validity_seconds)
-        requests: list[tuple[bytes, ExpireAuthorization]] = []
-        for key, raw in list(state_table.data.items()):
-            if b'"status":"authorized"' not in raw:
-                continue
-            try:
-                state = PaymentState.model_validate_json(raw)
-            except Exception:  # noqa: BLE001, S112 - unreadable states are parked elsewhere
-                continue
-            if state.authorized_at is None or state.authorized_at > cutoff:
-                continue
-            requests.append((key, ExpireAuthorization(payment_id=state.payment_id,
-                                                      requested_at=datetime.now(UTC))))
-        if requests:
-            log.info("expiry sweep: %d authorizations past their validity", len(requests))
-            publisher = sweep_publisher()
-            for key, request in requests:
-                publisher.publish(cat.INTERNAL, key, request.model_dump_json().encode())
-            await with_infra_retries("requesting expiries", publisher.flush)
-
-    sweep_publishers: list[EventPublisher] = []
-
-    @app.timer(settings.stuck_sweep_interval_seconds)  # type: ignore[untyped-decorator]
-    async def sweep_stuck_payments() -> None:
-        """Re-verify payments pending verification for longer than ``stuck_after_seconds``.
-
-        Whatever lost a payment's verification (a resolver that gave up while the PSP was
-        down, a resolution dead-lettered across a rebalance, a crash between steps), the
-        payment's state still says it is pending: one lookup per sweep asks the PSP again
-        until it answers. Every worker sweeps the states it holds; duplicates are harmless
-        (a resolution applies once, to the attempt it names).
-        """
-        cutoff = datetime.now(UTC) - timedelta(seconds=settings.stuck_after_seconds)
-        stuck: list[PaymentState] = []
-        for raw in list(state_table.data.values()):
-            if b'"status":"pending_verification"' not in raw:
-                continue
-            try:
-                state = PaymentState.model_validate_json(raw)
-            except Exception:  # noqa: BLE001, S112 - unreadable states are parked elsewhere
-                continue
-            if state.pending is not None and (
-                state.pending.since is None or state.pending.since < cutoff
-            ):
-                stuck.append(state)
-        metrics.STUCK_PAYMENTS.set(len(stuck))
-        if not stuck:
-            return
-        log.warning("stuck-payment sweep: %d payments pending verification for over %.0fs; "
-                    "asking the PSPs again", len(stuck), settings.stuck_after_seconds)
-        publisher = sweep_publisher()
-        for state in stuck:
-            request_verification(publisher, state, sweep=True)
-        await with_infra_retries("requesting verification of stuck payments", publisher.flush)
-
-    def sweep_publisher() -> EventPublisher:
-        if not sweep_publishers:
-            sweep_publishers.append(EventPublisher(settings))
-        return sweep_publishers[0]
-
-    monitors: list[Any] = []
-
-    @app.timer(settings.lag_poll_interval_seconds)  # type: ignore[untyped-decorator]
-    async def export_gauges() -> None:
-        """Gauges for /metrics: pending verification, lag, breakers, ledger imbalance."""
-        metrics.PENDING_VERIFICATION.set(
-            sum(1 for raw in list(state_table.data.values())
-                if b'"status":"pending_verification"' in raw)
-        )
-        if not monitors:
-            monitors.extend([
-                LagMonitor(settings),
-                BreakerStateMonitor(
-                    resources.redis_client(), [p.name for p in settings.psp_endpoints()],
-                    settings.app_id, open_seconds=settings.psp_breaker_open_seconds,
-                ),
-                LedgerImbalanceMonitor(await resources.db()),
-            ])
-        for monitor in monitors:
-            try:
-                await monitor.poll_once()
-            except Exception as exc:  # noqa: BLE001 - a gauge must not stop the worker
-                log.warning("%s failed: %s: %s", type(monitor).__name__,
-                            type(exc).__name__, exc)
+    # ---------------------------------------------------------------- timers
+    Timers(ctx, commands.request_verification).register()
 
     # ---------------------------------------------------------------- sinks
     @app.agent(events_topic, name="apply_events")
