@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -28,22 +26,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents.command_agent import CommandAgent
 from agents.context import AgentContext, raw_topic
-from agents.dead_letters import dead_letter, dead_letter_unexpected
+from agents.event_sink import EventSink
 from agents.fencing import FenceSignals
 from agents.psp_ingress import PspWebhookIngress
 from agents.resolver_agent import ResolverTiers
 from agents.resources import Resources
 from agents.retry_agent import RetryTiers
-from agents.runtime import fail_stop, faust_credentials, with_infra_retries
+from agents.runtime import faust_credentials
 from agents.timers import Timers
 from config.settings import Settings
-from observability import metrics
-from schemas.events import PaymentEvent
 from schemas.signatures import PSP_SIGNATURE_HEADER as SIGNATURE_HEADER
-from sinks import ledger, status
-from sinks.ledger_events import check_postable, post_payment_events
+from sinks import status
 from sinks.webhook_dispatcher import WebhookDispatcher, kafka_dead_letter
-from sinks.webhook_outbox import enqueue_deliveries
 from topics import catalog as cat
 from topics.publisher import EventPublisher
 
@@ -128,56 +122,7 @@ def create_app(settings: Settings) -> faust.App:
     Timers(ctx, commands.request_verification).register()
 
     # ---------------------------------------------------------------- sinks
-    @app.agent(events_topic, name="apply_events")
-    async def apply_events(stream: Any) -> AsyncIterator[None]:
-        publisher = EventPublisher(settings)
-        pool = await resources.db()
-        async for batch in stream.take_events(settings.batch_max, within=settings.batch_within):
-            try:
-                await apply_event_batch(batch, publisher, pool)
-            except Exception as exc:  # noqa: BLE001 - never let Faust ack this batch
-                fail_stop(f"unexpected error in apply_events: {exc!r}")
-        yield None  # pragma: no cover
-
-    async def apply_event_batch(
-        batch: Sequence[Any], publisher: EventPublisher, pool: asyncpg.Pool
-    ) -> None:
-        metrics.BATCH_SIZE.labels("apply_events").observe(len(batch))
-        parsed: list[PaymentEvent] = []
-        origin: dict[str, Any] = {}
-        for event in batch:
-            try:
-                payment_event = PaymentEvent.model_validate_json(event.value)
-                check_postable(payment_event)
-                parsed.append(payment_event)
-                origin.setdefault(payment_event.event_id, event)
-            except Exception as exc:  # noqa: BLE001 - unusable event -> DLQ, not a crash loop
-                dead_letter_unexpected(publisher, event, "sink", exc, group)
-
-        rejected: list[ledger.Rejection] = []
-
-        async def write(events: list[PaymentEvent] = parsed) -> None:
-            async with pool.acquire() as conn, conn.transaction():
-                posted, refused = await post_payment_events(conn, events)
-                await status.apply_events(conn, events)
-                # Merchant webhooks are enqueued in the same transaction: exactly once.
-                await enqueue_deliveries(conn, events)
-            rejected[:] = refused
-            metrics.LEDGER_POSTINGS.labels("payment").inc(posted)
-
-        await with_infra_retries("writing the ledger and status", write)
-        for refusal in rejected:
-            # The ledger refused what the state machine allowed: park it for a human.
-            dead_letter(publisher, origin[refusal.event_id], "ledger", refusal.reason,
-                        "LedgerRejection", refusal.detail, group)
-        await with_infra_retries("publishing dead letters", publisher.flush)
-        now = datetime.now(UTC)
-        for e in parsed:
-            metrics.EVENTS_APPLIED.labels(e.type).inc()
-            if e.command_created_at is not None and not e.replayed:
-                metrics.END_TO_END_LATENCY.observe(
-                    max(0.0, (now - e.command_created_at).total_seconds())
-                )
+    EventSink(ctx).register(events_topic)
 
     # ---------------------------------------------------------------- merchant webhooks
     @app.task  # type: ignore[untyped-decorator]
