@@ -16,11 +16,9 @@ then redelivered to the next worker (at-least-once; effects are idempotent).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
-import asyncpg
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -34,10 +32,10 @@ from agents.resources import Resources
 from agents.retry_agent import RetryTiers
 from agents.runtime import faust_credentials
 from agents.timers import Timers
+from agents.webhook_task import MerchantWebhookTask
 from config.settings import Settings
 from schemas.signatures import PSP_SIGNATURE_HEADER as SIGNATURE_HEADER
 from sinks import status
-from sinks.webhook_dispatcher import WebhookDispatcher, kafka_dead_letter
 from topics import catalog as cat
 from topics.publisher import EventPublisher
 
@@ -125,20 +123,7 @@ def create_app(settings: Settings) -> faust.App:
     EventSink(ctx).register(events_topic)
 
     # ---------------------------------------------------------------- merchant webhooks
-    @app.task  # type: ignore[untyped-decorator]
-    async def deliver_merchant_webhooks() -> None:
-        """Send due webhook deliveries (the outbox in PostgreSQL) until the worker stops."""
-        pool = await asyncpg.create_pool(settings.pg_dsn, min_size=1, max_size=4)
-        await resources.db()  # migrations applied
-        publisher = EventPublisher(settings)
-        dispatcher = WebhookDispatcher(
-            pool, settings, kafka_dead_letter(publisher, consumer_group=f"{group}-webhooks")
-        )
-        stop = asyncio.Event()
-        try:
-            await dispatcher.run_forever(stop)
-        finally:
-            await pool.close()
+    MerchantWebhookTask(ctx).register()
 
     # ---------------------------------------------------------------- web
     @app.page("/v1/payments/{payment_id}")
