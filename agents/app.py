@@ -17,27 +17,22 @@ then redelivered to the next worker (at-least-once; effects are idempotent).
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import faust
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents.command_agent import CommandAgent
 from agents.context import AgentContext, raw_topic
 from agents.event_sink import EventSink
 from agents.fencing import FenceSignals
-from agents.psp_ingress import PspWebhookIngress
 from agents.resolver_agent import ResolverTiers
 from agents.resources import Resources
 from agents.retry_agent import RetryTiers
 from agents.runtime import faust_credentials
 from agents.timers import Timers
+from agents.web import WebViews
 from agents.webhook_task import MerchantWebhookTask
 from config.settings import Settings
-from schemas.signatures import PSP_SIGNATURE_HEADER as SIGNATURE_HEADER
-from sinks import status
 from topics import catalog as cat
-from topics.publisher import EventPublisher
 
 log = logging.getLogger("paystream.agents")
 
@@ -126,62 +121,7 @@ def create_app(settings: Settings) -> faust.App:
     MerchantWebhookTask(ctx).register()
 
     # ---------------------------------------------------------------- web
-    @app.page("/v1/payments/{payment_id}")
-    class PaymentStatusView(faust.web.View):
-        async def get(self, request: Any, payment_id: str) -> Any:
-            pool = await resources.db()
-            async with pool.acquire() as conn:
-                found = await status.get_status(conn, payment_id)
-            if found is None:
-                return self.json({"error": "not_found", "payment_id": payment_id}, status=404)
-            return self.json(found)
-
-    ingress_parts: list[PspWebhookIngress] = []
-
-    def psp_ingress() -> PspWebhookIngress:
-        if not ingress_parts:
-            adapters = {endpoint.name: resources.psps().adapter(endpoint.name)
-                        for endpoint in settings.psp_endpoints()}
-            ingress_parts.append(PspWebhookIngress(
-                settings, adapters, resources.redis_client(), EventPublisher(settings)
-            ))
-        return ingress_parts[0]
-
-    @app.page("/psp/{name}/webhooks")
-    class PspWebhookView(faust.web.View):
-        """PSP webhooks in: verified, deduplicated, on psp.notifications before the 2xx."""
-
-        async def post(self, request: Any, name: str) -> Any:
-            body = await request.read()
-            code, answer = await psp_ingress().handle(
-                name, body, request.headers.get(SIGNATURE_HEADER)
-            )
-            return self.json(answer, status=code)
-
-    @app.page("/metrics")
-    class MetricsView(faust.web.View):
-        async def get(self, request: Any) -> Any:
-            # aiohttp refuses a charset inside content_type; the exposition format is UTF-8.
-            content_type = CONTENT_TYPE_LATEST.split(";")[0] + "; version=0.0.4"
-            return self.bytes(generate_latest(), content_type=content_type)
-
-    @app.page("/healthz")
-    class HealthView(faust.web.View):
-        async def get(self, request: Any) -> Any:
-            return self.json({"status": "ok"})
-
-    @app.page("/readyz")
-    class ReadyView(faust.web.View):
-        async def get(self, request: Any) -> Any:
-            try:
-                pool = await resources.db()
-                async with pool.acquire() as conn:
-                    await conn.fetchval("SELECT 1")
-            except Exception as exc:  # noqa: BLE001 - readiness reports any failure
-                return self.json({"status": "not_ready", "error": str(exc)}, status=503)
-            if not app.rebalancing and app.consumer is not None:
-                return self.json({"status": "ready"})
-            return self.json({"status": "not_ready", "error": "rebalancing"}, status=503)
+    WebViews(ctx).register()
 
     return app
 
