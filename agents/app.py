@@ -1,4 +1,4 @@
-"""The Faust application: topics, the payment-state table, agents and web views.
+"""The Faust application: topics, the payment-state table, and the wiring of its parts.
 
 Two agents keep the money path to two Kafka hops:
 
@@ -12,11 +12,24 @@ Faust acks a batch when the agent asks for the next one, even if the body raised
 bodies catch per-record errors (to the DLQ) and treat infrastructure errors (broker or
 database unreachable after retries) by stopping the process without acking: the batch is
 then redelivered to the next worker (at-least-once; effects are idempotent).
+
+``create_app`` only wires: it builds the app, its topics and table, one
+:class:`agents.context.AgentContext`, and registers each part with it, in this order:
+
+* the partition-fence signal handlers (``agents/fencing.py``: ``FenceSignals``);
+* ``process_commands`` (``agents/command_agent.py``), committing each batch with
+  ``agents/commit.py: BatchCommit``;
+* ``resolve_unknown_tierN`` (``agents/resolver_agent.py``), ``retry_tierN``
+  (``agents/retry_agent.py``);
+* the timers (``agents/timers.py``), ``apply_events`` (``agents/event_sink.py``), the
+  merchant-webhook task (``agents/webhook_task.py``) and the web views (``agents/web.py``).
+
+Faust registers agents, timers, tasks and pages when they are decorated, so each part's
+``register`` defines the decorated functions (thin closures that delegate to the part's
+methods) and must be called from here, before the worker starts.
 """
 
 from __future__ import annotations
-
-import logging
 
 import faust
 
@@ -34,9 +47,9 @@ from agents.webhook_task import MerchantWebhookTask
 from config.settings import Settings
 from topics import catalog as cat
 
-log = logging.getLogger("paystream.agents")
 
 def create_app(settings: Settings) -> faust.App:
+    """The worker's Faust app, with every agent, timer, task and page registered."""
     settings.require_real()
     faust_dir = settings.data_dir / "faust"  # Faust's own files, out of the checkout
     faust_dir.mkdir(parents=True, exist_ok=True)
