@@ -23,8 +23,17 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import faust
+
+from agents.runtime import with_infra_retries
+from observability import metrics
+from topics import catalog as cat
+
+if TYPE_CHECKING:
+    from agents.resources import Resources
 
 log = logging.getLogger("paystream.agents.fencing")
 
@@ -88,4 +97,57 @@ class PartitionFence:
         if lost:
             log.warning("fence: partitions %s were taken by another worker while this "
                         "batch ran (a rebalance zombie)", sorted(lost))
+        return lost
+
+
+class FenceSignals:
+    """This worker's :class:`PartitionFence`, kept current by Faust's rebalance signals."""
+
+    def __init__(self, resources: Resources, app_id: str) -> None:
+        self._resources = resources
+        self._app_id = app_id
+        self._fences: list[PartitionFence] = []
+        self._handlers: tuple[Any, ...] = ()
+
+    def register(self, app: faust.App) -> None:
+        """Connect the signal handlers (kept here too: strong references)."""
+
+        @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+        async def take_partition_epochs(sender: Any, assigned: Any, **_kwargs: Any) -> None:
+            await self.take_partition_epochs(assigned)
+
+        @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+        async def drop_partition_epochs(sender: Any, revoked: Any, **_kwargs: Any) -> None:
+            self.drop_partition_epochs(revoked)
+
+        self._handlers = (take_partition_epochs, drop_partition_epochs)
+
+    async def partition_fence(self) -> PartitionFence:
+        if not self._fences:
+            self._fences.append(PartitionFence(await self._resources.db(), self._app_id))
+        return self._fences[0]
+
+    async def take_partition_epochs(self, assigned: Any) -> None:
+        """Take the next owner epoch of every command partition this worker now holds."""
+        partitions = {tp.partition for tp in assigned if tp.topic == cat.COMMANDS}
+
+        async def take() -> None:
+            await (await self.partition_fence()).take(partitions)
+
+        await with_infra_retries("taking partition epochs", take)
+
+    def drop_partition_epochs(self, revoked: Any) -> None:
+        if self._fences:
+            self._fences[0].revoke(tp.partition for tp in revoked if tp.topic == cat.COMMANDS)
+
+    async def fenced_partitions(self, partitions: set[int]) -> set[int]:
+        """The partitions of ``partitions`` another worker has taken since we did."""
+        lost: set[int] = set()
+
+        async def check() -> None:
+            lost.update(await (await self.partition_fence()).lost(partitions))
+
+        await with_infra_retries("checking partition epochs", check)
+        if lost:
+            metrics.ZOMBIE_STATE_WRITES.inc(len(lost))
         return lost

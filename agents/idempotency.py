@@ -4,26 +4,21 @@ The full idempotency record (the request's fingerprint and the events it produce
 in the payment's state in the ``payment_state`` Faust table, so a repeated command is
 answered by the payment's only writer without another Kafka hop. What that table cannot
 see is the same key sent for a *different* ``payment_id`` (another partition). This index
-binds ``merchant_id + idempotency_key`` to the first ``payment_id`` that used it, for
-``idempotency_retention_seconds`` (Stripe keeps keys for at least 24 h); a command whose key
-is bound to another payment is an idempotency conflict and nothing is charged.
+binds ``merchant_id + idempotency_key`` to the first ``payment_id`` that used it; a command
+whose key is bound to another payment is an idempotency conflict and nothing is charged.
 
 The binding is durable in PostgreSQL (``idempotency_keys``; one statement per batch), so a
-Redis flush, eviction or failover cannot let a key charge twice within its retention.
-Redis is a cache in front of it (one pipelined round trip per batch): a hit for the same
-payment skips PostgreSQL; anything else asks PostgreSQL, which decides. A cache error is
-only logged.
+Redis flush, eviction or failover cannot let a key charge twice. A key is released
+``idempotency_retention_seconds`` (Stripe: at least 24 h) after its payment last used it:
+every command of the owning payment refreshes it, so a payment still being retried or
+verified keeps its key however long that takes.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import asyncpg
-import redis.asyncio as aioredis
-
-log = logging.getLogger("paystream.agents.idempotency")
 
 _BIND_SQL = """
 WITH req AS (
@@ -36,7 +31,8 @@ WITH req AS (
     SELECT merchant_id, idempotency_key, payment_id FROM req
     ON CONFLICT (merchant_id, idempotency_key) DO UPDATE
        SET payment_id = EXCLUDED.payment_id, bound_at = now()
-     WHERE k.bound_at < now() - make_interval(secs => $4::double precision)
+     WHERE k.payment_id = EXCLUDED.payment_id
+        OR k.bound_at < now() - make_interval(secs => $4::double precision)
     RETURNING k.merchant_id, k.idempotency_key, k.payment_id
 )
 SELECT r.merchant_id, r.idempotency_key, COALESCE(b.payment_id, k.payment_id) AS owner
@@ -53,40 +49,17 @@ SELECT merchant_id, idempotency_key, payment_id AS owner FROM idempotency_keys
 
 
 class MerchantIdempotencyKeys:
-    """``(merchant_id, idempotency_key) -> payment_id``: PostgreSQL, with a Redis cache."""
+    """``(merchant_id, idempotency_key) -> payment_id`` in PostgreSQL."""
 
-    def __init__(
-        self, redis: aioredis.Redis, pool: asyncpg.Pool, *, key_prefix: str, ttl_seconds: int
-    ) -> None:
-        self._redis = redis
+    def __init__(self, pool: asyncpg.Pool, *, ttl_seconds: int) -> None:
         self._pool = pool
-        self._prefix = key_prefix
         self._ttl = ttl_seconds
-
-    def _key(self, merchant_id: str, idempotency_key: str) -> str:
-        return f"{self._prefix}:idem:{merchant_id}:{idempotency_key}"
 
     async def bind(self, requests: Sequence[tuple[str, str, str]]) -> list[str]:
         """Bind each ``(merchant_id, idempotency_key, payment_id)``; returns the owners
         (the given ``payment_id`` when the key was free or already its own)."""
         if not requests:
             return []
-        cached = await self._cached(requests)
-        owners: dict[tuple[str, str], str] = {}
-        missing = [
-            (m, k, p) for (m, k, p), hit in zip(requests, cached, strict=True) if hit != p
-        ]
-        for (m, k, p), hit in zip(requests, cached, strict=True):
-            if hit == p:
-                owners[(m, k)] = p
-        if missing:
-            owners.update(await self._bind_durably(missing))
-            await self._cache({key: owner for key, owner in owners.items()})
-        return [owners[(m, k)] for m, k, _p in requests]
-
-    async def _bind_durably(
-        self, requests: Sequence[tuple[str, str, str]]
-    ) -> dict[tuple[str, str], str]:
         merchants = [m for m, _k, _p in requests]
         keys = [k for _m, k, _p in requests]
         payments = [p for _m, _k, p in requests]
@@ -100,24 +73,4 @@ class MerchantIdempotencyKeys:
                 )
                 owners.update({(r["merchant_id"], r["idempotency_key"]): r["owner"]
                                for r in again})
-        return {mk: str(owner) for mk, owner in owners.items()}
-
-    async def _cached(self, requests: Sequence[tuple[str, str, str]]) -> list[str | None]:
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for merchant_id, key, _payment in requests:
-                    pipe.get(self._key(merchant_id, key))
-                results = await pipe.execute()
-        except Exception as exc:  # noqa: BLE001 - the cache is optional; PostgreSQL decides
-            log.warning("idempotency cache unavailable: %s: %s", type(exc).__name__, exc)
-            return [None] * len(requests)
-        return [r.decode() if isinstance(r, bytes) else None for r in results]
-
-    async def _cache(self, owners: dict[tuple[str, str], str]) -> None:
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for (merchant_id, key), owner in owners.items():
-                    pipe.set(self._key(merchant_id, key), owner, ex=self._ttl)
-                await pipe.execute()
-        except Exception as exc:  # noqa: BLE001 - the cache is optional
-            log.warning("idempotency cache not updated: %s: %s", type(exc).__name__, exc)
+        return [str(owners[(m, k)]) for m, k, _p in requests]

@@ -258,6 +258,11 @@ class EmbeddedStack:
         """Indexes of the workers started and still running."""
         return sorted(i for i, proc in self._workers.items() if proc.poll() is None)
 
+    def worker_exit_code(self, index: int = 0) -> int | None:
+        """The exit code of worker ``index`` if it was started and has exited, else None."""
+        proc = self._workers.get(index)
+        return None if proc is None else proc.poll()
+
     def worker_port(self, index: int = 0) -> int:
         """The web port of worker ``index`` (allocated on first use, kept across restarts)."""
         if index not in self._worker_ports:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from psp.breaker import RedisCircuitBreaker
-from psp.claims import AttemptClaims
+from psp.claims import AttemptClaims, Claims
 from psp.limits import RedisConcurrencyLimit
 from psp.protocol import PspAdapter
 from psp.routing import Router, RoutingTable, default_routing_table
@@ -38,8 +38,10 @@ def build_router(
     guards: GuardSettings | None = None,
     *,
     clock: Callable[[], float] = time.time,
+    claims: Claims | None = None,
 ) -> Router:
-    """A router over ``adapters`` whose breakers and limits live in ``redis``."""
+    """A router over ``adapters`` whose breakers and limits live in ``redis``; attempt
+    claims in ``claims`` (the pipeline passes PostgreSQL's), else in ``redis``."""
     g = guards or GuardSettings()
     breakers = {
         a.name: RedisCircuitBreaker(
@@ -70,6 +72,6 @@ def build_router(
         table or default_routing_table(),
         breakers=breakers,
         limits=limits,
-        claims=AttemptClaims(redis, key_prefix=g.key_prefix),
+        claims=claims if claims is not None else AttemptClaims(redis, key_prefix=g.key_prefix),
         slot_timeout=g.slot_timeout,
     )

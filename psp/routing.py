@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from psp.breaker import BreakerPermit, RedisCircuitBreaker
-from psp.claims import AttemptClaims
+from psp.claims import Claims
 from psp.limits import Lease, RedisConcurrencyLimit
 from psp.protocol import AuthorizeRequest, PspAdapter, PspResult
 from schemas.money import fee_for
@@ -251,7 +251,7 @@ class Router:
         *,
         breakers: Mapping[str, RedisCircuitBreaker] | None = None,
         limits: Mapping[str, RedisConcurrencyLimit] | None = None,
-        claims: AttemptClaims | None = None,
+        claims: Claims | None = None,
         slot_timeout: float = 0.0,
         failover_on_rate_limit: bool = True,
     ) -> None:

@@ -53,7 +53,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -394,7 +394,24 @@ class Injector:
             await asyncio.to_thread(http_json, f"{psp.url}/sandbox/webhooks/config",
                                     {**extra, "url": url.format(psp=psp.name)})
 
+    async def supervise(self) -> None:
+        """Restart a worker that exited on its own (a fail-stop, a crash), as a process
+        supervisor (systemd, Kubernetes, compose's ``restart:``) does in production; a
+        worker the injector killed is restarted by the injector."""
+        for index in range(WORKERS):
+            if index in self.stack.workers or self.locks[index].locked():
+                continue
+            if self.stack.worker_exit_code(index) is None:
+                continue  # never started
+            async with self.locks[index]:
+                code = self.stack.worker_exit_code(index)
+                self.note(f"worker {index} exited on its own (code {code}); restarting it")
+                await asyncio.to_thread(self.stack.start_worker, index=index, wait=True,
+                                        log=lambda _msg: None)
+                await self.point_webhooks({})
+
     async def due(self, published: int) -> None:
+        await self.supervise()
         while self.pending and self.pending[0].at_command <= published:
             fault = self.pending.pop(0)
             if fault.kind == "flush":
@@ -913,7 +930,8 @@ async def webhooks_drained(live: Settings) -> bool:
 
 async def wait_quiescent(conn: asyncpg.Connection, plan: Plan, load: Load, live: Settings,
                          within: float, log: list[str],
-                         stuck_after: float = STUCK_SECONDS) -> None:
+                         stuck_after: float = STUCK_SECONDS,
+                         supervise: Callable[[], Awaitable[None]] | None = None) -> None:
     """Until every payment is final and every command answered, webhooks are delivered and
     the event log stopped growing. Gives up when nothing moved for ``stuck_after`` seconds
     (lookup and retry tiers are all shorter: what is left is stuck) or at ``within``; the
@@ -921,6 +939,8 @@ async def wait_quiescent(conn: asyncpg.Connection, plan: Plan, load: Load, live:
     deadline = time.monotonic() + within
     last_count, stable_since = -1, time.monotonic()
     while time.monotonic() < deadline:
+        if supervise is not None:
+            await supervise()
         seen = await observe(conn, plan.prefix)
         load.publish_ready(seen)  # steps made ready by the heal
         count = int(await conn.fetchval(
@@ -1028,7 +1048,7 @@ async def test_fault_simulation_keeps_money_truth(
                           deadline=time.monotonic() + load_time * 3 + 120)
     await injector.heal()
     await wait_quiescent(sim_conn, plan, load, sim_stack.concrete_settings(),
-                         SETTLE_SECONDS, log)
+                         SETTLE_SECONDS, log, supervise=injector.supervise)
     truth = await gather_truth(sim_stack, plan, load, sim_conn)
     load.close()
     found = check_invariants(truth)

@@ -75,3 +75,35 @@ async def test_a_replay_at_the_owner_returns_the_first_answer(psps: Psps) -> Non
             await router.close()
     assert second.psp_reference == first.psp_reference
     assert len(await psps.alpha.charges()) == 1
+
+
+async def test_claims_in_postgresql_survive_a_redis_flush(pg_dsn: str) -> None:
+    """The pipeline keeps claims in PostgreSQL: a Redis FLUSHDB together with a lost
+    payment state must not let a re-run send the attempt to a second PSP (found by the
+    fault simulation: charged at alpha and at beta)."""
+    import uuid
+
+    import asyncpg
+
+    from psp.claims import PgAttemptClaims
+    from sinks.migrations import migrate
+
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2)
+    try:
+        await migrate(pool)
+
+        async def get_pool() -> asyncpg.Pool:
+            return pool
+
+        claims = PgAttemptClaims(get_pool)
+        attempt = f"att_pg_{uuid.uuid4().hex[:8]}_authorize_1"
+        assert await claims.owner(attempt) is None
+        assert await claims.claim(attempt, "alpha") == "alpha"
+        assert await claims.claim(attempt, "beta") == "alpha"  # a re-run after a crash
+        assert await PgAttemptClaims(get_pool).owner(attempt) == "alpha"  # another worker
+        await claims.release(attempt, "beta")  # not the owner: nothing happens
+        assert await claims.owner(attempt) == "alpha"
+        await claims.release(attempt, "alpha")  # certainly not received: free again
+        assert await claims.claim(attempt, "beta") == "beta"
+    finally:
+        await pool.close()
