@@ -211,9 +211,10 @@ async def test_metrics_cover_the_load(
     retried, lost, probe = unique("pay_retried"), unique("pay_lost"), unique("pay_probe")
     try:
         with PaymentsClient(live.kafka_bootstrap_servers) as client:
-            # Every call fails with a 500: the inline retries fail too, so the command
-            # goes to a retry tier (one payment: fewer failures than open a breaker).
-            await faults(live, error_rate=1.0)
+            # Every call is refused with a 429 (nothing processed): the inline retries are
+            # refused too, so the command goes to a retry tier. (A 500 may have been
+            # processed: that is an unknown outcome, verified, not retried.)
+            await faults(live, rate_limit_rate=1.0)
             client.authorize(merchant_id=merchant, payment_id=retried,
                              idempotency_key=f"{retried}-a", amount=1_100, currency="USD",
                              payment_method="tok_visa")
@@ -225,11 +226,11 @@ async def test_metrics_cover_the_load(
                     "paystream_retries_total", kind="command")
                 return [] if grew else ["paystream_retries_total{kind=command} increase"]
 
-            await until_met(not_retried, 30, "retry under error_rate=1")
+            await until_met(not_retried, 30, "retry under rate_limit_rate=1")
 
             # The PSP processes the call but the answer is lost: unknown outcome, the
             # payment waits in pending_verification and is looked up at the PSP.
-            await faults(live, error_rate=0.0, lost_response_rate=1.0)
+            await faults(live, rate_limit_rate=0.0, lost_response_rate=1.0)
             client.authorize(merchant_id=merchant, payment_id=lost,
                              idempotency_key=f"{lost}-a", amount=1_200, currency="USD",
                              payment_method="tok_visa")
@@ -244,7 +245,7 @@ async def test_metrics_cover_the_load(
 
             await until_met(not_pending, 30, "pending verification under lost_response_rate=1")
     finally:
-        await faults(live, error_rate=0.0, lost_response_rate=0.0)
+        await faults(live, rate_limit_rate=0.0, lost_response_rate=0.0)
 
     # ---- the stack is healthy again: a fresh payment goes through; the faulted ones settle
     with PaymentsClient(live.kafka_bootstrap_servers) as client:
