@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from agents import idempotency
 from agents.context import AgentContext
 from agents.dead_letters import dead_letter, dead_letter_unexpected
 from agents.runtime import fail_stop, with_infra_retries
@@ -73,6 +74,9 @@ class EventSink:
             async with pool.acquire() as conn, conn.transaction():
                 posted, refused = await post_payment_events(conn, events)
                 visible = await status.without_superseded_pending(conn, events)
+                # The key's retention runs from the answer (agents/idempotency.py).
+                await idempotency.touch(conn, [(e.merchant_id, e.idempotency_key, e.payment_id)
+                                               for e in events if not e.replayed])
                 await status.apply_events(conn, visible)
                 # Merchant webhooks are enqueued in the same transaction: exactly once.
                 await enqueue_deliveries(conn, visible)

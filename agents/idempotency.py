@@ -10,8 +10,9 @@ whose key is bound to another payment is an idempotency conflict and nothing is 
 The binding is durable in PostgreSQL (``idempotency_keys``; one statement per batch), so a
 Redis flush, eviction or failover cannot let a key charge twice. A key is released
 ``idempotency_retention_seconds`` (Stripe: at least 24 h) after its payment last used it:
-every command of the owning payment refreshes it, so a payment still being retried or
-verified keeps its key however long that takes.
+every command of the owning payment refreshes it, and so does every event answering it
+(:func:`touch`, in the event sink's transaction), so the retention runs from the last
+answer the merchant saw, however long retries and verification took.
 """
 
 from __future__ import annotations
@@ -46,6 +47,23 @@ SELECT merchant_id, idempotency_key, payment_id AS owner FROM idempotency_keys
  WHERE (merchant_id, idempotency_key) IN (
        SELECT * FROM unnest($1::text[], $2::text[]))
 """
+
+
+_TOUCH_SQL = """
+UPDATE idempotency_keys AS k SET bound_at = now()
+  FROM unnest($1::text[], $2::text[], $3::text[]) AS e(merchant_id, idempotency_key, payment_id)
+ WHERE k.merchant_id = e.merchant_id AND k.idempotency_key = e.idempotency_key
+   AND k.payment_id = e.payment_id
+"""
+
+
+async def touch(conn: asyncpg.Connection, answered: Sequence[tuple[str, str, str]]) -> None:
+    """Restart the retention of each ``(merchant_id, idempotency_key, payment_id)`` whose
+    command was just answered (keys of paystream's own operations are not bound: no-op)."""
+    unique = sorted(set(answered))
+    if unique:
+        await conn.execute(_TOUCH_SQL, [m for m, _k, _p in unique],
+                           [k for _m, k, _p in unique], [p for _m, _k, p in unique])
 
 
 class MerchantIdempotencyKeys:

@@ -110,3 +110,23 @@ async def test_a_key_reused_after_its_retention_charges_a_payment_the_books_see(
             await conn.close()
     finally:
         await redis.aclose()
+
+
+async def test_an_answer_restarts_the_retention(pg_dsn: str) -> None:
+    """The retention runs from the last answer the merchant saw, not from the first use:
+    a payment answered after long retries keeps its key for a whole retention."""
+    from agents.idempotency import touch
+
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2)
+    try:
+        await migrate(pool)
+        keys = MerchantIdempotencyKeys(pool, ttl_seconds=3_600)
+        merchant = unique("m")
+        assert await keys.bind([(merchant, "k", "pay_a")]) == ["pay_a"]
+        async with pool.acquire() as conn:
+            await conn.execute("UPDATE idempotency_keys SET bound_at = now() - interval "
+                               "'2 hours' WHERE merchant_id = $1", merchant)
+            await touch(conn, [(merchant, "k", "pay_a"), (merchant, "k", "pay_other")])
+        assert await keys.bind([(merchant, "k", "pay_b")]) == ["pay_a"]
+    finally:
+        await pool.close()
