@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from agents.events import build_event, rejection
 from agents.fees import FeeSchedule
 from agents.state import (
+    TERMINAL,
     PaymentState,
     PendingAttempt,
     PendingRefund,
@@ -561,7 +562,11 @@ class Executor:
         nothing else), applied exactly as if the original call had returned it.
         """
         pending = state.pending
-        if pending is None or pending.attempt_id != answer.attempt_id:
+        if (
+            pending is None
+            or pending.attempt_id != answer.attempt_id
+            or state.status in TERMINAL  # terminal states never move
+        ):
             return None  # already resolved, or an answer about another attempt
         result = PspResult.model_validate_json(answer.result)
         if not is_positive_answer(pending.operation, result):
