@@ -18,17 +18,20 @@ from typing import Any
 
 from schemas.events import PaymentEvent
 
+PENDING = "payment.pending_verification"
+
 
 def _supersedes(new: PaymentEvent, current: PaymentEvent) -> bool:
     """Whether ``new`` moves a payment's row that shows ``current``.
 
-    A higher sequence wins. At an equal sequence, a resolved outcome replaces
-    ``pending_verification`` (never the reverse): a command re-executed after a crash that
-    lost its state gets its first event again, now with the PSP's real answer.
+    A higher sequence wins. At an equal sequence, a resolved outcome replaces a
+    ``payment.pending_verification`` event (never the reverse): a command re-executed after
+    a crash that lost its state gets its first event again, now with the PSP's real
+    answer. (By event type, not status: a refund being verified keeps the payment's status.)
     """
     if new.sequence != current.sequence:
         return new.sequence > current.sequence
-    return current.status == "pending_verification" and new.status != "pending_verification"
+    return current.type == PENDING and new.type != PENDING
 
 
 def _latest_per_payment(events: Sequence[PaymentEvent]) -> list[PaymentEvent]:
@@ -78,8 +81,8 @@ async def apply_events(conn: Any, events: Sequence[PaymentEvent]) -> None:
          WHERE payment_status.sequence < EXCLUDED.sequence
             OR (payment_status.sequence = 0 AND EXCLUDED.sequence = 0)
             OR (payment_status.sequence = EXCLUDED.sequence
-                AND payment_status.status = 'pending_verification'
-                AND EXCLUDED.status <> 'pending_verification')
+                AND payment_status.event->>'type' = 'payment.pending_verification'
+                AND EXCLUDED.event->>'type' <> 'payment.pending_verification')
         """,
         [e.payment_id for e in latest],
         [e.merchant_id for e in latest],
