@@ -860,12 +860,15 @@ KNOWN_OPEN: dict[str, str] = {
     "PSP == events": (
         "open (issue 11): after a SIGKILL between the event flush and the state write, a "
         "re-run can leave a stray payment.pending_verification as a payment's last logged "
-        "event; ledger and status view are right"
+        "event (2-3 payments per 2,000); ledger and PSP agree"
     ),
-    "terminal states never regress": "open (issue 11): the same stray pending event",
+    "terminal states never regress": (
+        "open (issue 11): payment.failed (retries exhausted) then payment.declined for "
+        "processing_error payments across a rebalance, likely two writers (finding 10)"
+    ),
     "PSP == status view": (
-        "open (issue 11): seen once in ~2 runs of 2,000 payments: a refund made and booked "
-        "in the ledger while the status row kept the re-run's pending event"
+        "open (issue 11): a refund booked in the ledger while the status row kept a "
+        "pending event (1 payment in 1 of 4 runs of 2,000 after the fix in d83c596)"
     ),
 }
 """Invariants about the read models (event log, status view; not the ledger or the PSP)
