@@ -235,7 +235,7 @@ def test_retries_exhausted_fail_the_payment_and_park_the_command(
         client.authorize(merchant_id=merchant, payment_id=payment, idempotency_key="a",
                          amount=3_400, currency="USD", payment_method="tok_visa")
         client.flush()
-        (failed,) = events_for(events, payment)
+        (failed,) = events_for(events, payment, timeout=120)
         assert failed["type"] == "payment.failed" and failed["status"] == "failed"
         assert failed["reason"].startswith("retries_exhausted")
 
