@@ -80,72 +80,6 @@ def publish_demo_load(client: PaymentsClient, run_id: str, count: int, seed: int
     return payment_ids
 
 
-# Captured volume counts every capture: automatic ones (kind ``capture``) and captures of
-# manual holds (kind ``hold_capture``); counting only the first made merchant wallets read
-# larger than what was captured.
-_CAPTURE_KINDS = [ledger.CAPTURE_KIND, ledger.HOLD_CAPTURE_KIND]
-_TOTALS = """
-WITH capture_legs AS (
-    SELECT e.currency::text AS currency, e.transaction_id, e.amount, a.code,
-           (a.kind = 'liability' AND starts_with(a.owner, $4)) AS is_wallet
-      FROM ledger_entries e
-      JOIN ledger_transactions t ON t.id = e.transaction_id
-      JOIN ledger_accounts a ON a.id = e.account_id
-     WHERE t.kind = ANY($1::text[])
-),
-captures AS (
-    SELECT currency,
-           count(DISTINCT transaction_id) AS captures,
-           coalesce(sum(amount) FILTER (WHERE starts_with(code, $2)), 0) AS captured,
-           coalesce(-sum(amount) FILTER (WHERE starts_with(code, $3)), 0) AS fees,
-           coalesce(-sum(amount) FILTER (WHERE is_wallet), 0) AS merchant_net
-      FROM capture_legs
-     GROUP BY currency
-),
-wallets AS (
-    SELECT currency::text AS currency, sum(balance) AS merchant_wallets
-      FROM ledger_accounts
-     WHERE kind = 'liability' AND starts_with(owner, $4)
-     GROUP BY currency
-)
-SELECT coalesce(c.currency, w.currency) AS currency,
-       coalesce(c.captures, 0) AS captures,
-       coalesce(c.captured, 0) AS captured,
-       coalesce(c.fees, 0) AS fees,
-       coalesce(c.merchant_net, 0) AS merchant_net,
-       coalesce(w.merchant_wallets, 0) AS merchant_wallets
-  FROM captures c
-  FULL JOIN wallets w ON w.currency = c.currency
- ORDER BY 1
-"""
-
-
-def _code_prefix(code: str, currency: str) -> str:
-    return code.removesuffix(currency)
-
-
-async def capture_totals(conn: asyncpg.Connection) -> dict[str, ledger.CurrencyTotals]:
-    """Per currency: captured volume (automatic and manual captures), fees, wallets."""
-    rows = await conn.fetch(
-        _TOTALS,
-        _CAPTURE_KINDS,
-        _code_prefix(ledger.psp_clearing_account("USD").code, "USD"),
-        _code_prefix(ledger.fee_revenue_account("USD").code, "USD"),
-        ledger.merchant_wallet_account("m", "USD").owner.removesuffix("m"),
-    )
-    return {
-        row["currency"]: ledger.CurrencyTotals(
-            currency=row["currency"],
-            captures=row["captures"],
-            captured=int(row["captured"]),
-            fees=int(row["fees"]),
-            merchant_net=int(row["merchant_net"]),
-            merchant_wallets=int(row["merchant_wallets"]),
-        )
-        for row in rows
-    }
-
-
 async def _statuses(pool: asyncpg.Pool, prefix: str) -> Counter[str]:
     rows = await pool.fetch(
         "SELECT status, count(*) AS n FROM payment_status WHERE payment_id LIKE $1 "
@@ -183,7 +117,7 @@ async def wait_and_summarise(
         result.seconds = time.monotonic() - started
         async with pool.acquire() as conn:
             result.report = await ledger.verify(conn)
-            totals = await capture_totals(conn)
+            totals = await ledger.totals_by_currency(conn)
         result.ledger_ok = result.report.ok
     finally:
         await pool.close()

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from schemas.currencies import exponent
 from sinks.ledger.accounts import FEE_REVENUE_PREFIX, MERCHANT_PREFIX, PSP_CLEARING_PREFIX, to_int
 from sinks.ledger.captures import CAPTURE_KIND
+from sinks.ledger.holds import HOLD_CAPTURE_KIND
 
 
 class CurrencyTotals(BaseModel):
@@ -42,7 +43,7 @@ WITH capture_legs AS (
       FROM ledger_entries e
       JOIN ledger_transactions t ON t.id = e.transaction_id
       JOIN ledger_accounts a ON a.id = e.account_id
-     WHERE t.kind = $1
+     WHERE t.kind = ANY($1::text[])
 ),
 captures AS (
     SELECT currency,
@@ -72,10 +73,11 @@ SELECT coalesce(c.currency, w.currency) AS currency,
 
 
 async def totals_by_currency(conn: asyncpg.Connection) -> dict[str, CurrencyTotals]:
-    """Captured volume, fees and merchant wallet totals per currency (for a run summary)."""
+    """Captured volume, fees and merchant wallet totals per currency (for a run summary):
+    automatic captures and captures of manual holds alike."""
     rows = await conn.fetch(
         _TOTALS,
-        CAPTURE_KIND,
+        [CAPTURE_KIND, HOLD_CAPTURE_KIND],
         PSP_CLEARING_PREFIX,
         FEE_REVENUE_PREFIX,
         MERCHANT_PREFIX,
